@@ -1,0 +1,396 @@
+"""Run configuration: one dataclass per component, one YAML section each.
+
+YAML only sets dataclass fields. ``section.key=value`` overrides (values parsed as YAML scalars) apply on top.
+Everything is validated before any work starts: an unknown key, a wrong type or an out-of-range value raises
+:class:`ConfigError` naming the key and what is allowed.
+
+The ``method`` section is ``name`` plus that method's options; the options are validated against the options
+dataclass the method registered (``peft_dist.methods.registry``), so ``method.rank=abc`` fails as early as
+``train.steps=-1``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user: names the key and the allowed values."""
+
+
+# ----------------------------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    name: str = "vit_base_patch16_224"
+    """Any timm model name."""
+    checkpoint: str | None = None
+    """Local weights: timm/JAX ``.npz``, ``.pth``/``.pt`` (weights only) or ``.safetensors``."""
+    num_classes: int = 10
+    drop_path_rate: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra timm ``create_model`` kwargs, e.g. ``{img_size: 32, patch_size: 8, depth: 2}`` for test models."""
+
+    def validate(self) -> None:
+        _check_range("model.num_classes", self.num_classes, low=1)
+        _check_range("model.drop_path_rate", self.drop_path_rate, low=0.0, high=1.0)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"
+    options: dict[str, Any] = field(default_factory=dict)
+    """The method's own options (validated against its registered options dataclass)."""
+
+    def validate(self) -> None:
+        from peft_dist.methods.registry import method_names, resolve_options
+
+        if self.name not in method_names():
+            raise ConfigError(f"method.name: unknown method {self.name!r}; allowed: {', '.join(method_names())}")
+        resolve_options(self.name, self.options)
+
+
+@dataclass
+class DataConfig:
+    source: Literal["shards", "synthetic"] = "shards"
+    """``shards``: webdataset tar shards written by ``peft-dist shards``; ``synthetic``: random tensors (tests)."""
+    path: str | None = None
+    """Directory holding the shards and their ``_info.json`` (``source=shards``)."""
+    train_split: str = "train"
+    eval_split: str = "test"
+    batch_size: int = 32
+    """Per-rank micro-batch size; the global batch is batch_size x world_size x train.grad_accum."""
+    eval_batch_size: int = 64
+    num_workers: int = 2
+    img_size: int = 224
+    augment: Literal["none", "flip", "randaug"] = "none"
+    """Train-time augmentation; VTAB-1k recipes use none, FGVC recipes use flip (random resized crop + flip)."""
+    shuffle_buffer: int = 1000
+    skip_corrupt: bool = False
+    """Skip (and count) samples whose image bytes or label cannot be decoded instead of failing."""
+    synthetic_samples: int = 256
+    """Train samples of the synthetic source (eval uses a quarter)."""
+
+    def validate(self) -> None:
+        if self.source == "shards" and not self.path:
+            raise ConfigError("data.path: required when data.source=shards (a directory written by `peft-dist shards`)")
+        for key in ("batch_size", "eval_batch_size", "img_size", "synthetic_samples"):
+            _check_range(f"data.{key}", getattr(self, key), low=1)
+        _check_range("data.num_workers", self.num_workers, low=0)
+        _check_range("data.shuffle_buffer", self.shuffle_buffer, low=0)
+
+
+@dataclass
+class DistConfig:
+    engine: str = "single"
+    """Which engine parallelizes the model; see ``peft_dist.dist.engine_names()``."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend; ``auto`` is NCCL when CUDA is available, gloo otherwise."""
+    timeout_s: int = 600
+    """Collective timeout: a failed rank makes the others exit instead of hanging forever."""
+
+    def validate(self) -> None:
+        from peft_dist.dist import engine_names
+
+        if self.engine not in engine_names():
+            raise ConfigError(f"dist.engine: unknown engine {self.engine!r}; allowed: {', '.join(engine_names())}")
+        _check_range("dist.timeout_s", self.timeout_s, low=1)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9
+    """SGD only."""
+    warmup_steps: int = 0
+    """Linear warm-up from ``warmup_start_lr`` to ``lr``; then cosine to ``min_lr``."""
+    warmup_epochs: float = 0.0
+    """Alternative to warmup_steps, in epochs (converted with the loader's steps per epoch)."""
+    warmup_start_lr: float = 0.0
+    min_lr: float = 0.0
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def validate(self) -> None:
+        _check_range("optim.lr", self.lr, low=0.0, low_open=True)
+        _check_range("optim.weight_decay", self.weight_decay, low=0.0)
+        for i, b in enumerate(self.betas):
+            _check_range(f"optim.betas[{i}]", b, low=0.0, high=1.0)
+        _check_range("optim.eps", self.eps, low=0.0, low_open=True)
+        _check_range("optim.warmup_steps", self.warmup_steps, low=0)
+        _check_range("optim.warmup_epochs", self.warmup_epochs, low=0.0)
+        _check_range("optim.min_lr", self.min_lr, low=0.0)
+        _check_range("optim.warmup_start_lr", self.warmup_start_lr, low=0.0)
+        _check_range("optim.grad_clip", self.grad_clip, low=0.0)
+        if self.warmup_steps and self.warmup_epochs:
+            raise ConfigError("optim.warmup_steps / optim.warmup_epochs: set one of them, not both")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    steps: int = 0
+    """Optimizer steps; 0 means use ``epochs``."""
+    epochs: int = 1
+    seed: int = 0
+    grad_accum: int = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast when CUDA is present, fp32 otherwise."""
+    log_every: int = 10
+    eval_every_epochs: int = 0
+    """Evaluate every N epochs during training (0: only at the end)."""
+    label_smoothing: float = 0.0
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+
+    def validate(self) -> None:
+        _check_range("train.steps", self.steps, low=0)
+        _check_range("train.epochs", self.epochs, low=0)
+        if self.steps == 0 and self.epochs == 0:
+            raise ConfigError("train.steps / train.epochs: one of them must be > 0")
+        _check_range("train.grad_accum", self.grad_accum, low=1)
+        _check_range("train.log_every", self.log_every, low=1)
+        _check_range("train.eval_every_epochs", self.eval_every_epochs, low=0)
+        _check_range("train.label_smoothing", self.label_smoothing, low=0.0, high=1.0)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None
+    """MLflow tracking URI; default: a SQLite file ``mlflow.db`` beside the run directory."""
+    experiment: str = "peft-dist"
+    run_name: str | None = None
+
+
+@dataclass
+class MemoryConfig:
+    enabled: bool = True
+    """Record the per-rank memory report (``memory.json``) during the run."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def validate(self) -> "RunConfig":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            section = dataclasses.asdict(getattr(self, f.name))
+            if f.name == "method":
+                section = {"name": section["name"], **section["options"]}
+            out[f.name] = _plain(section)
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig, "method": MethodConfig, "data": DataConfig, "dist": DistConfig,
+    "optim": OptimConfig, "train": TrainConfig, "tracking": TrackingConfig, "memory": MemoryConfig,
+}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML (optional), apply ``section.key=value`` overrides, build and validate the dataclasses."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections ({', '.join(_SECTION_TYPES)})")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override to a nested dict; the value is parsed as a YAML scalar/list."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {item!r}: expected section.key=value (sections: {', '.join(_SECTION_TYPES)})")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    unknown = sorted(set(raw) - set(_SECTION_TYPES))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r}; allowed: {', '.join(_SECTION_TYPES)}")
+    sections = {}
+    for name, cls in _SECTION_TYPES.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {type(values).__name__}")
+        if cls is MethodConfig:
+            values = dict(values)
+            sections[name] = MethodConfig(name=_coerce("method.name", values.pop("name", "lora"), str),
+                                          options=values)
+        else:
+            sections[name] = build_dataclass(cls, values, prefix=name)
+    return RunConfig(**sections).validate()
+
+
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Instantiate ``cls`` from a dict, type-checking and coercing each field; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"{prefix}.{key}: unknown key; allowed keys of {prefix}: {', '.join(names)}")
+    kwargs = {k: _coerce(f"{prefix}.{k}", v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- types
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: got {value!r}; allowed: {', '.join(repr(a) for a in args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: got {value!r}; expected a list ({_type_name(tp)})")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: got {len(value)} values; expected {len(args)} ({_type_name(tp)})")
+            return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        seq = [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+        return tuple(seq) if origin is tuple else seq
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r}; expected a mapping")
+        vt = args[1] if args else Any
+        return {str(k): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: got {value!r}; expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}); expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 reads "1e-3" as a string; accept numeric strings for floats.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}); expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}); expected a string")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping")
+        return build_dataclass(tp, value, key)
+    return value
+
+
+def _check_range(key: str, value: float, low: float | None = None, high: float | None = None,
+                 low_open: bool = False) -> None:
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+        hi = "" if high is None else f"<= {high}"
+        allowed = " and ".join(s for s in (lo, hi) if s)
+        raise ConfigError(f"{key}: got {value!r}; allowed: {allowed}")
+
+
+def check_range(key: str, value: float, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> None:
+    """Public form of the range check for method options' ``validate``."""
+    _check_range(key, value, low, high, low_open)
+
+
+def check_choice(key: str, value: Any, allowed: typing.Iterable[Any]) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{key}: got {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

@@ -1,0 +1,104 @@
+"""LoRA (Hu et al. 2022) on timm ViTs: ΔW = (alpha / r)·B·A per target matrix, q/k/v as independent slices of the
+fused qkv (design.md: never one low-rank update across all three). A Kaiming-uniform (a=√5, the nn.Linear
+default), B zero, so training starts at the pretrained function. Merges exactly."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft_dist.config import check_range, ConfigError
+from peft_dist.methods.base import AdaptedModule, Method
+from peft_dist.methods.registry import register_method
+from peft_dist.models.targets import TARGET_NAMES, Target, find_targets, group_by_path, replace_module
+
+
+@dataclass
+class LoraOptions:
+    rank: int = 8
+    alpha: float = 8.0
+    """Scale is alpha / rank (alpha = rank gives scale 1, the VTAB LoRA-8 baseline)."""
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        check_range("method.rank", self.rank, low=1)
+        check_range("method.dropout", self.dropout, low=0.0, high=1.0)
+        if not self.targets:
+            raise ConfigError(f"method.targets: empty; allowed: any of {', '.join(TARGET_NAMES)}")
+        for t in self.targets:
+            if t not in TARGET_NAMES:
+                raise ConfigError(f"method.targets: unknown target {t!r}; allowed: {', '.join(TARGET_NAMES)}")
+
+
+class LoRALinear(AdaptedModule):
+    """A frozen Linear plus one low-rank update per row slice (one slice unless it is the fused qkv)."""
+
+    def __init__(self, base: nn.Linear, slices: dict[str, slice], rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.slices = dict(slices)
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        d_in = base.in_features
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name, rows in self.slices.items():
+            a = torch.empty(rank, d_in, **factory)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_A[name] = nn.Parameter(a)
+            self.lora_B[name] = nn.Parameter(torch.zeros(rows.stop - rows.start, rank, **factory))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        xd = self.dropout(x)
+        for name, rows in self.slices.items():
+            delta = F.linear(F.linear(xd, self.lora_A[name]), self.lora_B[name]) * self.scale
+            if rows.start == 0 and rows.stop == out.shape[-1]:
+                out = out + delta
+            else:  # in place on a slice of the base output: no full-width zero-padded delta is materialised
+                out[..., rows] += delta
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        dw = torch.zeros_like(self.base.weight)
+        for name, rows in self.slices.items():
+            dw[rows] = (self.lora_B[name] @ self.lora_A[name]) * self.scale
+        return dw
+
+    def merged(self) -> nn.Linear:
+        return merged_linear(self.base, self.delta_weight())
+
+
+def merged_linear(base: nn.Linear, delta_weight: torch.Tensor, delta_bias: torch.Tensor | None = None) -> nn.Linear:
+    """A plain nn.Linear holding ``W0 + ΔW`` (and ``b0 + Δb``), computed in fp32 then cast back."""
+    out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None or delta_bias is not None,
+                    device=base.weight.device, dtype=base.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_((base.weight.float() + delta_weight.float()).to(base.weight.dtype))
+        if out.bias is not None:
+            bias = base.bias.float() if base.bias is not None else torch.zeros_like(out.bias, dtype=torch.float32)
+            if delta_bias is not None:
+                bias = bias + delta_bias.float()
+            out.bias.copy_(bias.to(out.bias.dtype))
+    out.requires_grad_(False)
+    return out
+
+
+def inject_per_target(model: nn.Module, targets: list[Target], make) -> None:
+    """Wrap each targeted Linear once, passing ``make(base_linear, {target_name: rows})``."""
+    for path, group in group_by_path(targets).items():
+        base = model.get_submodule(path)
+        replace_module(model, path, make(base, {t.name: t.rows for t in group}))
+
+
+@register_method("lora", LoraOptions)
+class LoRA(Method):
+    def inject(self, model: nn.Module) -> None:
+        o = self.options
+        targets = find_targets(model, tuple(o.targets))
+        inject_per_target(model, targets, lambda base, slices: LoRALinear(base, slices, o.rank, o.alpha, o.dropout))
