@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -105,8 +106,13 @@ class Method:
         pass
 
     def summary(self, model: nn.Module) -> dict[str, Any]:
-        """Extra figures for ``summary.json`` (e.g. realised sparsity per matrix)."""
+        """Extra figures for ``summary.json`` (e.g. realised sparsity per matrix); JSON-serialisable."""
         return {}
+
+    def write_artifacts(self, model: nn.Module, out_dir: Path) -> list[Path]:
+        """Write method-specific files (allocation tables, heat maps) into ``out_dir``; rank 0 only. The trainer
+        calls it after each epoch's allocation and at the end; the tracker logs the returned files."""
+        return []
 
     # ------------------------------------------------------------------ export
     def merge(self, model: nn.Module) -> nn.Module:

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny timm ViTs (design.md conventions) and helpers for multi-process gloo tests."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
+"""A 2-block ViT with 16 tokens + cls: every method runs on it in milliseconds."""
+
+
+def tiny_vit(num_classes: int = 5, seed: int = 0, **overrides):
+    import peft_dist
+
+    torch.manual_seed(seed)
+    kwargs = {**TINY_VIT, **overrides}
+    return peft_dist.create_backbone("vit_tiny_patch16_224", num_classes=num_classes, **kwargs)
+
+
+@pytest.fixture
+def make_tiny_vit():
+    return tiny_vit
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
