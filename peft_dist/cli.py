@@ -1,0 +1,176 @@
+"""``peft-dist`` command line: train | eval | export | shards | sensitivity | launch | demo.
+
+Every user error (bad config, missing file, wrong shapes) ends as one line ``peft-dist: error: ...`` and exit
+status 2; nothing is written before the config validates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from peft_dist.config import ConfigError
+from peft_dist.methods.base import MergeError
+from peft_dist.models.backbone import CheckpointError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, MergeError, FileNotFoundError)
+
+
+def _run_distributed(cfg, work: Callable):
+    """Start the process group from the environment, run ``work(env, device)``, always tear the group down."""
+    from launcher.env import read_dist_env
+    from peft_dist.dist.process_group import destroy_process_group, init_process_group
+
+    env = read_dist_env()
+    device = init_process_group(env, cfg.dist.backend, cfg.dist.timeout_s)
+    try:
+        return env, work(env, device)
+    finally:
+        destroy_process_group()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from peft_dist.config import load_config
+    from peft_dist.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    env, summary = _run_distributed(cfg, lambda env, device: train(cfg, env, device))
+    if env.is_main:
+        print_summary(summary, cfg.train.out_dir)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from peft_dist.data import build_eval_loader
+    from peft_dist.dist.process_group import all_reduce_sum
+    from peft_dist.train.evaluate import restore_run
+
+    cfg, model, _ = restore_run(args.run, args.overrides)
+
+    def work(env, device):
+        import torch
+
+        model.to(device).eval()
+        correct = total = 0
+        with torch.no_grad():
+            for batch in build_eval_loader(cfg.data, env.rank, env.world_size):
+                logits = model(batch[0].to(device)).float()
+                correct += int((logits.argmax(-1).cpu() == batch[1]).sum())
+                total += int(batch[1].numel())
+        correct, total = all_reduce_sum([correct, total], device)
+        return {"top1": correct / max(total, 1), "samples": int(total), "split": cfg.data.eval_split}
+
+    env, result = _run_distributed(cfg, work)
+    if env.is_main:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from peft_dist.train.evaluate import export_merged
+
+    out = export_merged(args.run, args.out)
+    print(f"wrote {out} (plain timm weights; create the model with the kwargs in {out.with_suffix('.json')})")
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from launcher.local import launch
+
+    return launch(args.nproc, args.argv)
+
+
+def print_summary(summary: dict, out_dir: str) -> None:
+    mib = [f"{b / 2**20:.0f} MiB" for b in summary["peak_memory_bytes_per_rank"]]
+    print(f"\n== {summary['method']} on {summary['model']}, {summary['world_size']} process(es), "
+          f"engine {summary['engine']}")
+    print(f"top-1 ({summary['eval_split']}): {100 * summary['top1']:.2f} %")
+    print(f"trainable parameters: {summary['trainable_params']:,} "
+          f"({summary['trainable_params_without_head']:,} without the head)")
+    print(f"throughput: {summary['images_per_s']:.1f} images/s; wall time {summary['wall_time_s']:.1f} s; "
+          f"steps {summary['steps']}")
+    print(f"peak memory per rank: {', '.join(mib)}")
+    if summary.get("skipped_samples"):
+        print(f"skipped corrupt samples: {summary['skipped_samples']}")
+    print(f"run directory: {out_dir} (config.yaml, metrics.jsonl, summary.json, memory.json, adapter.safetensors)")
+    if summary.get("mlflow_tracking_uri"):
+        print(f"MLflow run {summary['mlflow_run_id']}: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peft-dist", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a method on a backbone (one process, or under torchrun/launch)")
+    t.add_argument("--config", required=False, help="run config YAML")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="top-1 of a finished run on its eval split")
+    e.add_argument("--run", required=True, help="run directory (holds config.yaml and adapter.safetensors)")
+    e.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.eval_split=val")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="merge a run's adapters into a plain timm model.safetensors")
+    x.add_argument("--run", required=True)
+    x.add_argument("--out", default=None, help="output file (default: RUN/model.safetensors)")
+    x.set_defaults(func=cmd_export)
+
+    la = sub.add_parser("launch", help="start N local processes: peft-dist launch --nproc 2 -- train --config F")
+    la.add_argument("--nproc", type=int, required=True)
+    la.add_argument("argv", nargs=argparse.REMAINDER)
+    la.set_defaults(func=cmd_launch)
+
+    _optional_subcommands(sub)
+    return p
+
+
+def _optional_subcommands(sub) -> None:
+    """Subcommands whose modules live in other packages (data, methods, memory)."""
+    try:
+        from peft_dist.data.shards import add_shards_arguments, run_shards
+    except ImportError:
+        pass
+    else:
+        s = sub.add_parser("shards", help="write webdataset shards from an image folder, a list file or digits")
+        add_shards_arguments(s)
+        s.set_defaults(func=run_shards)
+    try:
+        from peft_dist.methods.spt_sensitivity import add_sensitivity_arguments, run_sensitivity
+    except ImportError:
+        pass
+    else:
+        s = sub.add_parser("sensitivity", help="SPT stage 1: sensitivity pass and allocation file")
+        add_sensitivity_arguments(s)
+        s.set_defaults(func=_with_config(run_sensitivity))
+    try:
+        from peft_dist.demo import add_demo_arguments, run_demo
+    except ImportError:
+        pass
+    else:
+        s = sub.add_parser("demo", help="the main job: digits shards → 2-process LoRA run → MLflow → summary")
+        add_demo_arguments(s)
+        s.set_defaults(func=run_demo)
+
+
+def _with_config(fn: Callable) -> Callable:
+    def run(args: argparse.Namespace) -> int:
+        from peft_dist.config import load_config
+
+        return fn(load_config(args.config, getattr(args, "overrides", [])), args)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        print(f"peft-dist: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The Engine the trainer sees (design.md "Backend"): one micro-batch forward+backward, one optimizer step.
+
+The base class is the ``single`` engine; others override :meth:`wrap` (and, where the framework owns the
+optimizer, :meth:`build_optimizer`). Engines know nothing about the method beyond its parameter groups and hooks.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from launcher.env import DistEnv
+from peft_dist.config import RunConfig
+
+
+class Engine:
+    name = "single"
+
+    def __init__(self, model: nn.Module, method, cfg: RunConfig, env: DistEnv, device: torch.device,
+                 total_steps: int, warmup_steps: int):
+        self.module = model.to(device)  # the plain (adapter-injected) model
+        self.method = method
+        self.cfg = cfg
+        self.env = env
+        self.device = device
+        self.model = self.wrap(self.module)
+        self.optimizer = self.build_optimizer()
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps, warmup_steps)
+        self.autocast_dtype = _autocast_dtype(cfg.train.precision, device)
+        self.phase = lambda name: contextlib.nullcontext()  # the trainer plugs the memory profiler in here
+
+    # ------------------------------------------------------------------ set-up
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.method.param_groups(self.module, self.cfg.optim.weight_decay), self.cfg.optim)
+
+    # ------------------------------------------------------------------ training
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Skip gradient synchronisation on all but the last micro-batch of an accumulation window."""
+        return contextlib.nullcontext()
+
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, sync: bool = True) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns the (detached) mean loss of this rank's micro-batch."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with (contextlib.nullcontext() if sync else self.no_sync()):
+            with self.phase("forward"), self.autocast():
+                logits = self.model(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing)
+            with self.phase("backward"):
+                (loss / self.cfg.train.grad_accum).backward()
+        return loss.detach()
+
+    def step(self, step: int) -> float:
+        """Clip, optimizer step, method hook (grads still readable), scheduler, zero grads. Returns the lr used."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.cfg.optim.grad_clip > 0:
+            self.clip_grad_norm(self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.method.on_step_end(self.module, step)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def clip_grad_norm(self, max_norm: float) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits from the unwrapped model: evaluation batches may differ per rank, so no collective may run."""
+        with self.autocast():
+            return self.module(images.to(self.device, non_blocking=True)).float()
+
+    def train_mode(self, training: bool = True) -> None:
+        self.model.train(training)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self, adapters_only: bool = True) -> dict[str, torch.Tensor]:
+        """Trainable tensors (adapters + head) of the plain model, on CPU, keyed as in the timm model."""
+        if not adapters_only:
+            return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        return {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        params = dict(self.module.named_parameters())
+        unknown = [k for k in sd if k not in params]
+        if unknown:
+            raise KeyError(f"adapter state has tensors the model does not: {', '.join(unknown[:4])}")
+        with torch.no_grad():
+            for k, v in sd.items():
+                params[k].copy_(v.to(params[k].device, params[k].dtype))
+
+
+# ---------------------------------------------------------------------- optimizer and schedule
+def build_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    if not groups:
+        raise ValueError("the method left no trainable parameters; nothing to optimise")
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, base_lr: float, warmup_start_lr: float,
+              min_lr: float) -> float:
+    """Multiplier on ``base_lr`` at ``step``: linear warm-up from warmup_start_lr, then cosine to min_lr."""
+    if warmup_steps > 0 and step < warmup_steps:
+        lr = warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
+    else:
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        lr = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    return lr / base_lr
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int, warmup_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.lr, cfg.warmup_start_lr, cfg.min_lr))
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def describe(engine: Engine) -> dict[str, Any]:
+    return {"engine": engine.name, "world_size": engine.env.world_size, "device": str(engine.device)}

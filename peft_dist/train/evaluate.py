@@ -1,0 +1,72 @@
+"""Evaluation and export of a finished run directory (``peft-dist eval`` / ``peft-dist export``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from peft_dist.config import RunConfig, load_config
+from peft_dist.models.backbone import CheckpointError
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"run directory has no config.yaml: {path}")
+    return load_config(path, overrides)
+
+
+def load_adapters(model: nn.Module, path: str | Path) -> None:
+    """Copy the tensors of an ``adapter.safetensors`` into the (method-applied) model; names must all exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"adapter file not found: {path}")
+    params = dict(model.named_parameters())
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        unknown = [k for k in keys if k not in params]
+        if unknown:
+            raise CheckpointError(f"adapter file {path} does not fit the model: unexpected tensors "
+                                  f"{', '.join(unknown[:4])} (was it trained with another method or model?)")
+        with torch.no_grad():
+            for k in keys:
+                t = f.get_tensor(k)
+                if t.shape != params[k].shape:
+                    raise CheckpointError(f"adapter file {path}: {k} has shape {tuple(t.shape)}, "
+                                          f"the model expects {tuple(params[k].shape)}")
+                params[k].copy_(t)
+    missing = [n for n, p in params.items() if p.requires_grad and n not in keys]
+    if missing:
+        raise CheckpointError(f"adapter file {path} lacks trainable tensors {', '.join(missing[:4])}")
+
+
+def restore_run(run_dir: str | Path, overrides: list[str] | None = None):
+    """Rebuild the run's backbone + method and load its trained adapters."""
+    from peft_dist.train.trainer import build_model
+
+    cfg = load_run_config(run_dir, overrides)
+    model, method = build_model(cfg)
+    load_adapters(model, Path(run_dir) / "adapter.safetensors")
+    return cfg, model, method
+
+
+def export_merged(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Merge the run's adapters into the backbone and write a plain timm ``model.safetensors`` (+ ``model.json``
+    with the timm name and kwargs to create it)."""
+    import peft_dist
+
+    cfg, model, _ = restore_run(run_dir)
+    plain = peft_dist.merge(model)
+    out = Path(out) if out else Path(run_dir) / "model.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(tmp),
+              metadata={"timm_model": cfg.model.name, "merged_method": cfg.method.name})
+    tmp.replace(out)
+    create = {"model_name": cfg.model.name, "num_classes": cfg.model.num_classes, **cfg.model.kwargs}
+    out.with_suffix(".json").write_text(json.dumps(create, indent=2) + "\n")
+    return out

@@ -1,0 +1,252 @@
+"""The training loop: config → backbone → method → engine → fit → evaluate → artifacts.
+
+Readable top to bottom (nanoGPT's rule): :meth:`Trainer.fit` is the loop, :meth:`Trainer.train_step` one optimizer
+step over ``grad_accum`` micro-batches, :meth:`Trainer.evaluate` top-1 all-reduced over ranks. Rank 0 alone writes
+files, logs to MLflow and draws the progress bar.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from launcher.env import DistEnv
+from peft_dist.config import RunConfig
+from peft_dist.dist import parallelize
+from peft_dist.dist.process_group import all_reduce_sum
+from peft_dist.memory import MemoryProfiler, MemoryReport
+from peft_dist.methods.base import TrainPlan, count_trainable
+from peft_dist.methods.registry import build_method
+from peft_dist.models.backbone import create_backbone
+from peft_dist.tracking import make_tracker
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: RunConfig):
+    """The backbone with the method applied (identical on every rank: same seed before creation)."""
+    seed_everything(cfg.train.seed)
+    model = create_backbone(cfg.model.name, cfg.model.num_classes, cfg.model.checkpoint,
+                            drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
+    method = build_method(cfg.method.name, **cfg.method.options)
+    method.apply(model)
+    return model, method
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_adapters(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Loader batches are ``Batch(images, labels, skipped)``; plain ``(images, labels)`` pairs are accepted too."""
+    if len(batch) == 3:
+        return batch[0], batch[1], int(batch[2])
+    return batch[0], batch[1], 0
+
+
+def _batches_per_epoch(loader: Iterable) -> int:
+    n = getattr(loader, "batches_per_epoch", None)
+    return int(n) if n is not None else len(loader)  # type: ignore[arg-type]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, env: DistEnv, device: torch.device,
+                 train_loader: Iterable | None = None, eval_loader: Iterable | None = None):
+        self.cfg, self.env, self.device = cfg, env, device
+        self.out_dir = Path(cfg.train.out_dir)
+        if env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out_dir / "config.yaml")
+        self.model, self.method = build_model(cfg)
+        self.param_counts = count_trainable(self.model)
+
+        if train_loader is None or eval_loader is None:
+            from peft_dist.data import build_eval_loader, build_train_loader
+            train_loader = train_loader or build_train_loader(cfg.data, env.rank, env.world_size, cfg.train.seed)
+            eval_loader = eval_loader or build_eval_loader(cfg.data, env.rank, env.world_size)
+        self.train_loader, self.eval_loader = train_loader, eval_loader
+
+        self.steps_per_epoch = max(1, _batches_per_epoch(train_loader) // cfg.train.grad_accum)
+        self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
+        warmup = cfg.optim.warmup_steps or round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.engine = parallelize(self.model, self.method, cfg, env, device, self.total_steps, warmup)
+
+        self.profiler = MemoryProfiler(env.rank, device, enabled=cfg.memory.enabled)
+        self.engine.phase = self.profiler.phase
+        tags = {"world_size": str(env.world_size), "engine": cfg.dist.engine, "method": cfg.method.name,
+                "backend": "nccl" if device.type == "cuda" else "gloo", "model": cfg.model.name}
+        self.tracker = make_tracker(cfg, env.is_main, tags)
+        self.skipped = 0
+        self.images_seen = 0
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        plan = TrainPlan(self.total_steps, self.steps_per_epoch, -(-self.total_steps // self.steps_per_epoch))
+        self.method.on_train_start(self.model, plan)
+        batches = self.batch_stream()
+        bar = tqdm(total=self.total_steps, desc="train", disable=not (self.env.is_main and cfg.train.progress),
+                   dynamic_ncols=True)
+        start = window_start = time.perf_counter()
+        window_images, window_loss, window_steps = 0, 0.0, 0
+        metrics_file = (self.out_dir / "metrics.jsonl").open("a") if self.env.is_main else None
+        try:
+            for step in range(self.total_steps):
+                epoch = step // self.steps_per_epoch
+                if step % self.steps_per_epoch == 0:
+                    self.start_epoch(epoch)
+                loss, lr, images = self.train_step(step, batches)
+                window_loss, window_images, window_steps = window_loss + loss, window_images + images, window_steps + 1
+                bar.update(1)
+                last = step + 1 == self.total_steps
+                if (step + 1) % cfg.train.log_every == 0 or last:
+                    loss_sum, n, imgs = all_reduce_sum([window_loss, window_steps, window_images], self.device)
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": step + 1, "epoch": epoch, "loss": loss_sum / n, "lr": lr,
+                              "images_per_s": imgs / max(elapsed, 1e-9)}
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                    if metrics_file:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                    self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
+                    window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+                every = cfg.train.eval_every_epochs
+                if every and not last and (step + 1) % (every * self.steps_per_epoch) == 0:
+                    top1 = self.evaluate()
+                    self.tracker.log_metrics({"eval_top1": top1}, step=step + 1)
+        finally:
+            bar.close()
+            if metrics_file:
+                metrics_file.close()
+        train_time = time.perf_counter() - start
+        top1 = self.evaluate()
+        return self.finish(top1, train_time)
+
+    def batch_stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Micro-batches across epoch boundaries (the loader is re-seeded per epoch)."""
+        epoch = 0
+        while True:
+            if hasattr(self.train_loader, "set_epoch"):
+                self.train_loader.set_epoch(epoch)
+            for batch in self.train_loader:
+                yield _unpack(batch)
+            epoch += 1
+
+    def start_epoch(self, epoch: int) -> None:
+        self.method.on_epoch_start(self.model, epoch)
+        if self.env.is_main:
+            self.tracker.log_artifacts(self.method.write_artifacts(self.model, self.out_dir), "method")
+
+    def train_step(self, step: int, batches: Iterator) -> tuple[float, float, int]:
+        """One optimizer step over grad_accum micro-batches; returns (mean loss, lr, images on this rank)."""
+        self.engine.train_mode(True)
+        accum = self.cfg.train.grad_accum
+        loss_sum, images = 0.0, 0
+        for micro in range(accum):
+            x, y, skipped = next(batches)
+            self.skipped += skipped
+            loss = self.engine.forward_backward(x, y, sync=micro == accum - 1)
+            loss_sum += float(loss)
+            images += y.shape[0]
+        if step == 0:
+            self.profiler.capture_state(self.engine.module, self.engine.optimizer)
+        with self.profiler.phase("optimizer"):
+            lr = self.engine.step(step)
+        if step == 0:  # optimizer state exists only after the first step
+            self.profiler.capture_state(self.engine.module, self.engine.optimizer)
+        self.images_seen += images
+        return loss_sum / accum, lr, images
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Top-1 over the eval split; every sample counted once across ranks (the loader guarantees it)."""
+        self.engine.train_mode(False)
+        correct = total = 0
+        with self.profiler.phase("eval"):
+            for batch in self.eval_loader:
+                x, y, skipped = _unpack(batch)
+                self.skipped += skipped
+                pred = self.engine.predict(x).argmax(dim=-1).cpu()
+                correct += int((pred == y).sum())
+                total += int(y.numel())
+        correct, total = all_reduce_sum([correct, total], self.device)
+        self.engine.train_mode(True)
+        return correct / max(total, 1)
+
+    # ------------------------------------------------------------------ outputs
+    def finish(self, top1: float, train_time: float) -> dict[str, Any]:
+        cfg = self.cfg
+        images_total, skipped = all_reduce_sum([self.images_seen, self.skipped], self.device)
+        memory = self.gather_memory(self.profiler.finish())
+        summary = {
+            "top1": top1,
+            "eval_split": cfg.data.eval_split,
+            "steps": self.total_steps,
+            "epochs": self.total_steps / self.steps_per_epoch,
+            **self.param_counts,
+            "wall_time_s": train_time,
+            "images_per_s": images_total / max(train_time, 1e-9),
+            "skipped_samples": int(skipped),
+            "world_size": self.env.world_size,
+            "engine": cfg.dist.engine,
+            "method": cfg.method.name,
+            "model": cfg.model.name,
+            "peak_memory_bytes_per_rank": [r.peak_bytes for r in memory],
+            "method_summary": self.method.summary(self.model),
+        }
+        adapters = self.engine.state_dict(adapters_only=True)
+        if self.env.is_main:
+            out = self.out_dir
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(out / "memory.json", json.dumps({"ranks": [r.to_dict() for r in memory]}, indent=2))
+            save_adapters(out / "adapter.safetensors", adapters,
+                          {"method": cfg.method.name, "model": cfg.model.name})
+            artifacts = [out / "config.yaml", out / "summary.json", out / "memory.json", out / "adapter.safetensors",
+                         out / "metrics.jsonl"]
+            artifacts += self.method.write_artifacts(self.model, out)
+            self.tracker.log_metrics({"eval_top1": top1, "images_per_s": summary["images_per_s"],
+                                      "skipped_samples": summary["skipped_samples"],
+                                      **{f"peak_memory_bytes_rank{r.rank}": r.peak_bytes for r in memory}},
+                                     step=self.total_steps)
+            self.tracker.log_artifacts(artifacts)
+            summary["mlflow_tracking_uri"] = self.tracker.tracking_uri
+            summary["mlflow_run_id"] = self.tracker.run_id
+        self.tracker.finish()
+        return summary
+
+    def gather_memory(self, mine: MemoryReport) -> list[MemoryReport]:
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return [mine]
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine.to_dict())
+        return [MemoryReport(**d) for d in gathered]
+
+
+def train(cfg: RunConfig, env: DistEnv, device: torch.device, train_loader=None, eval_loader=None) -> dict:
+    trainer = Trainer(cfg, env, device, train_loader, eval_loader)
+    try:
+        return trainer.fit()
+    except BaseException:
+        trainer.tracker.finish("FAILED")
+        raise
