@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _optional_subcommands(sub) -> None:
     """Subcommands whose modules live in other packages (data, methods, memory)."""
     try:
-        from peft_dist.data.shards import add_shards_arguments, run_shards
+        from peft_dist.data.shards import add_shards_arguments, run_shards  # noqa: F401
     except ImportError:
         pass
     else:

@@ -67,12 +67,22 @@ class Tracker(NullTracker):
         self.mlflow = mlflow
         self.tracking_uri = cfg.tracking.uri or default_tracking_uri(cfg.train.out_dir)
         mlflow.set_tracking_uri(self.tracking_uri)
+        if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=self._artifact_location(cfg))
         mlflow.set_experiment(cfg.tracking.experiment)
         run_name = cfg.tracking.run_name or Path(cfg.train.out_dir).name
         self.run = mlflow.start_run(run_name=run_name)
         self.run_id = self.run.info.run_id
         mlflow.log_params(flatten(cfg.to_dict()))
         mlflow.set_tags({**tags, "git_commit": git_commit()})
+
+    def _artifact_location(self, cfg: RunConfig) -> str | None:
+        """With a local SQLite store, artifacts go beside the database (MLflow's default, ``./mlruns``, would
+        follow the working directory). A server decides for itself."""
+        if not self.tracking_uri.startswith("sqlite:///"):
+            return None
+        db = Path(self.tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").resolve().as_uri()
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
