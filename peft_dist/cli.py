@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a method on a backbone (one process, or under torchrun/launch)")
-    t.add_argument("--config", required=False, help="run config YAML")
+    t.add_argument("--config", action="append", default=None,
+                   help="run config YAML; repeat to layer files (backbone, method, task), later ones win")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
     t.set_defaults(func=cmd_train)
 

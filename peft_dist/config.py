@@ -216,22 +216,38 @@ _SECTION_TYPES = {
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load YAML (optional), apply ``section.key=value`` overrides, build and validate the dataclasses."""
+def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML file(s) (later files deep-merge over earlier ones, e.g. backbone + method + task), apply
+    ``section.key=value`` overrides, build and validate the dataclasses."""
+    paths = [] if path is None else (list(path) if isinstance(path, (list, tuple)) else [path])
     raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections ({', '.join(_SECTION_TYPES)})")
+    for one in paths:
+        _deep_merge(raw, _read_yaml(Path(one)))
     for item in overrides or []:
         apply_override(raw, item)
     return config_from_dict(raw)
+
+
+def _read_yaml(p: Path) -> dict[str, Any]:
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections ({', '.join(_SECTION_TYPES)})")
+    return data
+
+
+def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        switches_method = k == "method" and isinstance(v, dict) and "name" in v and \
+            isinstance(into.get(k), dict) and into[k].get("name") != v["name"]
+        if isinstance(v, dict) and isinstance(into.get(k), dict) and k != "kwargs" and not switches_method:
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

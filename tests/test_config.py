@@ -62,3 +62,22 @@ def test_cli_bad_config_is_one_line_and_writes_nothing(tmp_path):
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert lines == ["peft-dist: error: method.rank: got 'zero' (str); expected an integer"]
     assert not out.exists()
+
+
+def test_layered_files_merge_and_method_switch_replaces_options(tmp_path):
+    a = tmp_path / "a.yaml"
+    a.write_text("model: {name: vit_base_patch16_224, num_classes: 100}\nmethod: {name: lora, rank: 4}\n")
+    b = tmp_path / "b.yaml"
+    b.write_text("model: {num_classes: 37}\nmethod: {name: adapter, scale: 0.5}\ndata: {source: synthetic}\n")
+    cfg = load_config([a, b])
+    assert cfg.model.name == "vit_base_patch16_224" and cfg.model.num_classes == 37
+    assert cfg.method.name == "adapter" and cfg.method.options == {"scale": 0.5}
+
+
+def test_every_shipped_config_validates():
+    paths = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(paths) >= 9
+    for p in paths:
+        if p.parent.name == "studies":
+            continue
+        load_config(p, ["data.source=synthetic"])
