@@ -110,7 +110,7 @@ class Trainer:
                    dynamic_ncols=True)
         start = window_start = time.perf_counter()
         window_images, window_loss, window_steps = 0, 0.0, 0
-        metrics_file = (self.out_dir / "metrics.jsonl").open("a") if self.env.is_main else None
+        metrics_file = (self.out_dir / "metrics.jsonl").open("w") if self.env.is_main else None
         try:
             for step in range(self.total_steps):
                 epoch = step // self.steps_per_epoch
