@@ -93,6 +93,20 @@ class DistConfig:
     """Process-group backend; ``auto`` is NCCL when CUDA is available, gloo otherwise."""
     timeout_s: int = 600
     """Collective timeout: a failed rank makes the others exit instead of hanging forever."""
+    # --- fsdp2
+    shard_backbone: bool = True
+    """fsdp2: shard every block's parameters over the ranks; false replicates them (DDP-like, for small models)."""
+    reshard_after_forward: bool = True
+    """fsdp2: free the all-gathered block weights after forward (re-gather in backward) to save memory."""
+    frozen_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Storage dtype of the frozen backbone weights (adapters always stay fp32)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (non-reentrant checkpointing)."""
+    # --- deepspeed
+    zero_stage: int = 2
+    """deepspeed: ZeRO stage 1, 2 or 3."""
+    deepspeed_config: str | None = None
+    """deepspeed: a user JSON merged over the generated config (its keys win)."""
 
     def validate(self) -> None:
         from peft_dist.dist import engine_names
@@ -100,6 +114,9 @@ class DistConfig:
         if self.engine not in engine_names():
             raise ConfigError(f"dist.engine: unknown engine {self.engine!r}; allowed: {', '.join(engine_names())}")
         _check_range("dist.timeout_s", self.timeout_s, low=1)
+        check_choice("dist.zero_stage", self.zero_stage, (1, 2, 3))
+        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
+            raise ConfigError(f"dist.deepspeed_config: file not found: {self.deepspeed_config}")
 
 
 @dataclass
@@ -151,6 +168,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     progress: bool = True
     """tqdm progress bar on rank 0."""
+    save_every_steps: int = 0
+    """Write a resumable checkpoint every N optimizer steps (0: only at the end and on preemption)."""
+    keep_checkpoints: int = 2
+    resume: str = "none"
+    """``none``, ``auto`` (the newest complete checkpoint in out_dir/checkpoints, if any) or a checkpoint path."""
 
     def validate(self) -> None:
         _check_range("train.steps", self.steps, low=0)
@@ -161,6 +183,8 @@ class TrainConfig:
         _check_range("train.log_every", self.log_every, low=1)
         _check_range("train.eval_every_epochs", self.eval_every_epochs, low=0)
         _check_range("train.label_smoothing", self.label_smoothing, low=0.0, high=1.0)
+        _check_range("train.save_every_steps", self.save_every_steps, low=0)
+        _check_range("train.keep_checkpoints", self.keep_checkpoints, low=1)
 
 
 @dataclass

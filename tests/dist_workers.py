@@ -29,8 +29,9 @@ def train_shard_of_global_batches(rank: int, world: int, port: int, overrides: l
         trainer = Trainer(cfg, read_dist_env() if world > 1 else __import__("launcher").DistEnv(),
                           torch.device("cpu"), share, share)
         trainer.fit()
+        adapters = trainer.engine.state_dict()  # a collective under sharding engines: every rank calls it
         if rank == 0:
-            torch.save(trainer.engine.state_dict(), out_file)
+            torch.save(adapters, out_file)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

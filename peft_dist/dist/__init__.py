@@ -7,7 +7,8 @@ from torch import nn
 from launcher.env import DistEnv
 from peft_dist.dist.engine import Engine
 
-_ENGINES = {"single": "peft_dist.dist.engine:Engine", "ddp": "peft_dist.dist.ddp:DDPEngine"}
+_ENGINES = {"single": "peft_dist.dist.engine:Engine", "ddp": "peft_dist.dist.ddp:DDPEngine",
+            "fsdp2": "peft_dist.dist.fsdp2:FSDP2Engine"}
 
 
 def engine_names() -> list[str]:

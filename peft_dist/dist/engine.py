@@ -19,6 +19,8 @@ from peft_dist.config import RunConfig
 
 class Engine:
     name = "single"
+    forward_needs_all_ranks = False
+    """True when a forward pass runs collectives (sharded weights): evaluation then keeps every rank in step."""
 
     def __init__(self, model: nn.Module, method, cfg: RunConfig, env: DistEnv, device: torch.device,
                  total_steps: int, warmup_steps: int):

@@ -184,15 +184,32 @@ class Trainer:
         self.engine.train_mode(False)
         correct = total = 0
         with self.profiler.phase("eval"):
-            for batch in self.eval_loader:
+            for batch in self.eval_batches():
                 x, y, skipped = _unpack(batch)
                 self.skipped += skipped
                 pred = self.engine.predict(x).argmax(dim=-1).cpu()
-                correct += int((pred == y).sum())
+                correct += int((pred[:y.numel()] == y).sum())
                 total += int(y.numel())
         correct, total = all_reduce_sum([correct, total], self.device)
         self.engine.train_mode(True)
         return correct / max(total, 1)
+
+    def eval_batches(self) -> Iterator:
+        """The eval loader; when a forward runs collectives (sharded weights), ranks stay in lock-step and a rank
+        whose share is exhausted runs dummy forwards (no labels, nothing counted) until every rank is done."""
+        if not (self.engine.forward_needs_all_ranks and dist.is_initialized()):
+            yield from self.eval_loader
+            return
+        size = getattr(getattr(self.engine.module, "patch_embed", None), "img_size", (self.cfg.data.img_size,) * 2)
+        dummy = (torch.zeros(1, 3, *size), torch.zeros(0, dtype=torch.long), 0)
+        batches = iter(self.eval_loader)
+        while True:
+            batch = next(batches, None)
+            alive = torch.tensor([0 if batch is None else 1], device=self.device)
+            dist.all_reduce(alive, op=dist.ReduceOp.MAX)
+            if alive.item() == 0:
+                return
+            yield dummy if batch is None else batch
 
     # ------------------------------------------------------------------ outputs
     def finish(self, top1: float, train_time: float) -> dict[str, Any]:

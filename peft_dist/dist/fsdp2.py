@@ -1,0 +1,90 @@
+"""``fsdp2``: per-parameter sharding with ``fully_shard`` (spec ecosystem.md §1), torchtitan style.
+
+Order matters: the method has already injected and frozen (FSDP2 shards each parameter as a DTensor, so mixed
+``requires_grad`` inside a block is fine); then each timm block is sharded, then the root. On GPU the compute is
+bf16 with fp32 gradient reduction (``MixedPrecisionPolicy``); on CPU everything is fp32. The optimizer is built
+afterwards from the (now DTensor) trainable parameters only, so Adam state exists only for adapter shards.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from peft_dist.dist.engine import Engine
+
+
+def _mesh(device: torch.device, shard: bool):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if shard:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    # replicate: a 2-D (replicate, shard=1) mesh makes fully_shard behave like DDP (HSDP with shard size 1)
+    return init_device_mesh(device.type, (world, 1), mesh_dim_names=("replicate", "shard"))
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Per-block non-reentrant recomputation through timm's own hook (module names stay unchanged)."""
+    from timm.layers import set_reentrant_ckpt
+
+    set_reentrant_ckpt(False)
+    model.set_grad_checkpointing(True)
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store frozen weights in ``dtype``; trainable parameters (adapters, head) stay fp32."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+def apply_fsdp2(model: nn.Module, device: torch.device, shard: bool, reshard_after_forward: bool,
+                mixed_precision: bool) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = _mesh(device, shard)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # the root keeps its parameters (patch embed, tokens, norm, head) gathered after forward: they are small
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    return model
+
+
+class FSDP2Engine(Engine):
+    name = "fsdp2"
+    forward_needs_all_ranks = True
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if not dist.is_initialized():
+            raise RuntimeError("dist.engine=fsdp2 needs a process group: start with `peft-dist launch --nproc N`")
+        d = self.cfg.dist
+        if d.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        mixed = self.device.type == "cuda" and self.cfg.train.precision != "fp32"
+        if d.frozen_dtype == "bf16":
+            if not mixed:
+                raise RuntimeError("dist.frozen_dtype=bf16 needs bf16 compute (a CUDA device and train.precision "
+                                   "auto or bf16); on CPU keep dist.frozen_dtype=fp32")
+            cast_frozen(model, torch.bfloat16)
+        self.autocast_dtype = None  # FSDP2's policy casts parameters; autocast would double-cast
+        return apply_fsdp2(model, self.device, d.shard_backbone, d.reshard_after_forward, mixed)
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def state_dict(self, adapters_only: bool = True) -> dict[str, torch.Tensor]:
+        """Full (unsharded) trainable tensors on CPU, gathered without touching the frozen backbone. Collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=adapters_only)
+        return get_model_state_dict(self.module, options=opts)
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.module, sd, options=StateDictOptions(full_state_dict=True, strict=False))
