@@ -96,6 +96,17 @@ class Engine:
             return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         return {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
 
+    def save(self, path) -> None:
+        """Resumable state of this rank (trainable tensors + optimizer) into the directory ``path`` (collective)."""
+        from peft_dist.train.checkpoint import save_dcp
+
+        save_dcp(self.module, self.optimizer, path)
+
+    def load(self, path) -> None:
+        from peft_dist.train.checkpoint import load_dcp
+
+        load_dcp(self.module, self.optimizer, path)
+
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         params = dict(self.module.named_parameters())
         unknown = [k for k in sd if k not in params]

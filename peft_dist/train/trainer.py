@@ -28,6 +28,7 @@ from peft_dist.methods.base import TrainPlan, count_trainable
 from peft_dist.methods.registry import build_method
 from peft_dist.models.backbone import create_backbone
 from peft_dist.tracking import make_tracker
+from peft_dist.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 
 
 def seed_everything(seed: int) -> None:
@@ -99,20 +100,48 @@ class Trainer:
         self.tracker = make_tracker(cfg, env.is_main, tags)
         self.skipped = 0
         self.images_seen = 0
+        self.start_step = 0
+        resume_from = resolve_resume(cfg.train.resume, self.out_dir)
+        if resume_from is not None:
+            self.restore(resume_from)
+
+    def restore(self, path: Path) -> None:
+        state = load_checkpoint(self.engine, path)
+        self.start_step = int(state["step"])
+        self.engine.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
+        self.skipped, self.images_seen = int(state["skipped"]), int(state["images_seen"])
+        if self.env.is_main:
+            self.truncate_metrics(self.start_step)
+            print(f"resumed from {path} at step {self.start_step}")
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records the interrupted run logged after its last checkpoint: they will be logged again."""
+        path = self.out_dir / "metrics.jsonl"
+        if path.is_file():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+    def save(self, step: int) -> Path:
+        """A complete checkpoint after ``step`` optimizer steps (every rank calls this)."""
+        state = {"step": step, "scheduler": self.engine.scheduler.state_dict(), "method": self.method.state_dict(),
+                 "skipped": self.skipped, "images_seen": self.images_seen}
+        return save_checkpoint(self.engine, self.out_dir, step, state, keep=self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         plan = TrainPlan(self.total_steps, self.steps_per_epoch, -(-self.total_steps // self.steps_per_epoch))
         self.method.on_train_start(self.model, plan)
-        batches = self.batch_stream()
-        bar = tqdm(total=self.total_steps, desc="train", disable=not (self.env.is_main and cfg.train.progress),
-                   dynamic_ncols=True)
+        batches = self.batch_stream(self.start_step * cfg.train.grad_accum)
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc="train",
+                   disable=not (self.env.is_main and cfg.train.progress), dynamic_ncols=True)
         start = window_start = time.perf_counter()
         window_images, window_loss, window_steps = 0, 0.0, 0
-        metrics_file = (self.out_dir / "metrics.jsonl").open("w") if self.env.is_main else None
+        mode = "a" if self.start_step else "w"
+        metrics_file = (self.out_dir / "metrics.jsonl").open(mode) if self.env.is_main else None
         try:
-            for step in range(self.total_steps):
+            for step in range(self.start_step, self.total_steps):
                 epoch = step // self.steps_per_epoch
                 if step % self.steps_per_epoch == 0:
                     self.start_epoch(epoch)
@@ -131,6 +160,8 @@ class Trainer:
                         metrics_file.flush()
                     self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
                     window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+                if cfg.train.save_every_steps and ((step + 1) % cfg.train.save_every_steps == 0 or last):
+                    self.save(step + 1)
                 every = cfg.train.eval_every_epochs
                 if every and not last and (step + 1) % (every * self.steps_per_epoch) == 0:
                     top1 = self.evaluate()
@@ -143,15 +174,18 @@ class Trainer:
         top1 = self.evaluate()
         return self.finish(top1, train_time)
 
-    def batch_stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Micro-batches across epoch boundaries (the loader is re-seeded per epoch)."""
-        epoch = 0
+    def batch_stream(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Micro-batches across epoch boundaries (the loader is re-seeded per epoch), from micro-batch ``start``:
+        a resumed run skips exactly what the interrupted one consumed, so it sees the same data afterwards."""
+        per_epoch = _batches_per_epoch(self.train_loader)
+        epoch, skip = divmod(start, per_epoch)
         while True:
             if hasattr(self.train_loader, "set_epoch"):
                 self.train_loader.set_epoch(epoch)
-            for batch in self.train_loader:
-                yield _unpack(batch)
-            epoch += 1
+            for i, batch in enumerate(self.train_loader):
+                if i >= skip:
+                    yield _unpack(batch)
+            epoch, skip = epoch + 1, 0
 
     def start_epoch(self, epoch: int) -> None:
         self.method.on_epoch_start(self.model, epoch)
