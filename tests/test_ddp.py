@@ -25,13 +25,18 @@ def overrides(tmp_path, engine, method):
             "optim.name=sgd" if method == "bitfit" else ""]
 
 
-@pytest.mark.parametrize("engine, method", [("ddp", "lora"), ("fsdp2", "lora"), ("fsdp2", "bitfit")])
+@pytest.mark.parametrize("engine, method", [
+    ("ddp", "lora"), ("fsdp2", "lora"), ("fsdp2", "bitfit"),
+    ("deepspeed-1", "lora"), ("deepspeed-2", "lora"), ("deepspeed-3", "lora")])
 def test_two_ranks_equal_single_process(tmp_path, engine, method):
     batches = global_batches()
     single_out, ddp_out = str(tmp_path / "single.pt"), str(tmp_path / f"{engine}.pt")
     ov = [o for o in overrides(tmp_path, "single", method) if o]
     train_shard_of_global_batches(0, 1, 0, ov, batches, single_out)
     ov = [o for o in overrides(tmp_path, engine, method) if o]
+    if engine.startswith("deepspeed"):
+        ov = [o.replace(f"dist.engine={engine}", "dist.engine=deepspeed") for o in ov]
+        ov.append(f"dist.zero_stage={engine[-1]}")
     mp.start_processes(train_shard_of_global_batches, args=(2, free_port(), ov, batches, ddp_out), nprocs=2,
                        join=True, start_method="spawn")
     single = torch.load(single_out, weights_only=True)

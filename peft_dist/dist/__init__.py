@@ -8,7 +8,7 @@ from launcher.env import DistEnv
 from peft_dist.dist.engine import Engine
 
 _ENGINES = {"single": "peft_dist.dist.engine:Engine", "ddp": "peft_dist.dist.ddp:DDPEngine",
-            "fsdp2": "peft_dist.dist.fsdp2:FSDP2Engine"}
+            "fsdp2": "peft_dist.dist.fsdp2:FSDP2Engine", "deepspeed": "peft_dist.dist.deepspeed_engine:DeepSpeedEngine"}
 
 
 def engine_names() -> list[str]:

@@ -82,8 +82,8 @@ class MemoryProfiler:
         grads = sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
         r.grads_bytes = max(r.grads_bytes, grads)
         if optimizer is not None:
-            opt = sum(local_bytes(v) for s in optimizer.state.values() for v in s.values()
-                      if isinstance(v, torch.Tensor))
+            state = getattr(optimizer, "state", None) or {}
+            opt = sum(local_bytes(v) for s in state.values() for v in s.values() if isinstance(v, torch.Tensor))
             r.optimizer_state_bytes = max(r.optimizer_state_bytes, opt)
 
     def finish(self) -> MemoryReport:
