@@ -35,3 +35,71 @@ def train_shard_of_global_batches(rank: int, world: int, port: int, overrides: l
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def engine_matrix(rank: int, world: int, port: int, engine: str, zero_stage: int, methods: list[str],
+                  out_dir: str, result_file: str):
+    """Train every method 2 steps under one engine and record the per-rank memory invariants."""
+    import json
+
+    from launcher.env import read_dist_env
+    from peft_dist.config import load_config
+    from peft_dist.memory.profiler import local_bytes
+    from peft_dist.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
+    results = {}
+    try:
+        g = torch.Generator().manual_seed(rank)
+        batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g))] * 2
+        for method in methods:
+            cfg = load_config(None, [
+                "model.name=vit_tiny_patch16_224", "model.num_classes=5",
+                "model.kwargs={img_size: 32, patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
+                "data.source=synthetic", f"method.name={method}", f"dist.engine={engine}",
+                f"dist.zero_stage={zero_stage}", f"train.out_dir={out_dir}/{method}", "train.progress=false",
+                "tracking.enabled=false", "train.steps=2", "data.batch_size=4"])
+            trainer = Trainer(cfg, read_dist_env(), torch.device("cpu"), batches, batches[:1])
+            summary = trainer.fit()
+            module, opt = trainer.engine.module, trainer.engine.optimizer
+            inner = getattr(opt, "optimizer", opt)  # DeepSpeed wraps the torch optimizer
+            moments = sum(local_bytes(v) for s in inner.state.values() for k, v in s.items()
+                          if k in ("exp_avg", "exp_avg_sq"))
+            trainable_local = sum(local_bytes(p) // p.element_size() for p in module.parameters() if p.requires_grad)
+            results[method] = {
+                "top1": summary["top1"],
+                "optimizer_moment_bytes": moments,
+                "trainable_local_elements": trainable_local,
+                "trainable_elements": summary["trainable_params"],
+                "frozen_with_grad": [n for n, p in module.named_parameters() if not p.requires_grad and
+                                     p.grad is not None],
+                "frozen_local_bytes": sum(local_bytes(p) for p in module.parameters() if not p.requires_grad),
+                "frozen_full_bytes": summary["frozen_params"] * 4,
+            }
+        with open(f"{result_file}.rank{rank}", "w") as f:
+            json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def fail_on_rank(rank: int, world: int, port: int, failing_rank: int, overrides: list[str]):
+    """Train; ``failing_rank`` raises before its third step. Every rank must exit (non-zero), none may hang."""
+    from launcher.env import read_dist_env
+    from peft_dist.config import load_config
+    from peft_dist.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g))] * 2
+    trainer = Trainer(load_config(None, overrides), read_dist_env(), torch.device("cpu"), batches, batches)
+    original = trainer.train_step
+
+    def train_step(step, stream):
+        if rank == failing_rank and step == 2:
+            raise RuntimeError(f"rank {rank} failed on purpose")
+        return original(step, stream)
+
+    trainer.train_step = train_step
+    trainer.fit()

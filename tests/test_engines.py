@@ -1,0 +1,67 @@
+"""Every registered method trains under fsdp2 and DeepSpeed ZeRO-3 on 2 gloo ranks; per rank, optimizer state is
+8 bytes per owned trainable element, no frozen parameter has a gradient, fsdp2 shards the frozen weights; a failed
+rank makes every rank exit instead of hanging."""
+import json
+import time
+
+import pytest
+import torch.multiprocessing as mp
+
+import peft_dist
+from conftest import free_port
+from dist_workers import engine_matrix, fail_on_rank
+
+pytestmark = [pytest.mark.distributed]
+
+
+def run_matrix(tmp_path, engine, stage):
+    methods = [m for m in peft_dist.method_names() if not m.startswith("spt")]  # SPT needs an allocation file
+    out = str(tmp_path / "results")
+    mp.start_processes(engine_matrix, args=(2, free_port(), engine, stage, methods, str(tmp_path), out), nprocs=2,
+                       join=True, start_method="spawn")
+    return methods, [json.loads(open(f"{out}.rank{r}").read()) for r in range(2)]
+
+
+@pytest.mark.timeout(420)
+def test_every_method_under_fsdp2(tmp_path):
+    methods, ranks = run_matrix(tmp_path, "fsdp2", 2)
+    for m in methods:
+        per_rank = [r[m] for r in ranks]
+        assert sum(r["trainable_local_elements"] for r in per_rank) == per_rank[0]["trainable_elements"], m
+        for r in per_rank:
+            assert r["optimizer_moment_bytes"] == 8 * r["trainable_local_elements"], m
+            assert r["frozen_with_grad"] == [], m
+            if r["frozen_full_bytes"]:
+                assert abs(r["frozen_local_bytes"] - r["frozen_full_bytes"] / 2) <= 0.02 * r["frozen_full_bytes"], m
+
+
+@pytest.mark.timeout(420)
+def test_every_method_under_zero3(tmp_path):
+    methods, ranks = run_matrix(tmp_path, "deepspeed", 3)
+    for m in methods:
+        for r in (x[m] for x in ranks):
+            # ZeRO partitions the flattened trainable fp32 master copy; alignment pads it by a few elements
+            owned = r["trainable_elements"] / 2
+            assert owned * 8 <= r["optimizer_moment_bytes"] <= (owned + 64) * 8, m
+            assert r["frozen_with_grad"] == [], m
+
+
+@pytest.mark.timeout(180)
+def test_failed_rank_does_not_hang_the_others(tmp_path):
+    overrides = ["model.name=vit_tiny_patch16_224", "model.num_classes=5",
+                 "model.kwargs={img_size: 32, patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
+                 "data.source=synthetic", "method.name=lora", "dist.engine=ddp", "dist.timeout_s=30",
+                 f"train.out_dir={tmp_path}", "train.progress=false", "tracking.enabled=false", "train.steps=6",
+                 "train.log_every=1"]
+    start = time.monotonic()
+    ctx = mp.start_processes(fail_on_rank, args=(2, free_port(), 1, overrides), nprocs=2, join=False,
+                             start_method="spawn")
+    for p in ctx.processes:
+        p.join(timeout=120)
+    codes = [p.exitcode for p in ctx.processes]
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+    assert all(c is not None for c in codes), f"a rank hung: exit codes {codes}"
+    assert all(c != 0 for c in codes), codes
+    assert time.monotonic() - start < 120
