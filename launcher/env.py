@@ -1,11 +1,14 @@
-"""Read the distributed environment a process was started in.
+"""Read the distributed environment a process was started in (spec ecosystem.md §4).
 
-torchrun (and ``peft-dist launch``, which is torchrun underneath) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. A process started without them is a single process.
+Precedence: torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...; also what
+``peft-dist launch`` and srun+torchrun set) win; otherwise an ``srun`` task is read from SLURM's variables
+(``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``, the first host of ``SLURM_JOB_NODELIST`` — expanded here,
+no ``scontrol`` needed — and a port derived from the job id); otherwise it is a single process.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -22,6 +25,8 @@ class DistEnv:
     local_world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    source: str = "single"
+    """Where the values came from: ``torchrun``, ``slurm`` or ``single``."""
 
     @property
     def is_main(self) -> bool:
@@ -32,9 +37,11 @@ class DistEnv:
         return self.world_size > 1
 
 
-def _int(environ: Mapping[str, str], key: str, default: int) -> int:
+def _int(environ: Mapping[str, str], key: str, default: int | None = None) -> int:
     raw = environ.get(key)
     if raw is None or raw == "":
+        if default is None:
+            raise EnvError(f"environment variable {key} is not set")
         return default
     try:
         return int(raw)
@@ -42,20 +49,117 @@ def _int(environ: Mapping[str, str], key: str, default: int) -> int:
         raise EnvError(f"environment variable {key}={raw!r} is not an integer") from None
 
 
+def _check(env: DistEnv, names: tuple[str, str, str, str]) -> DistEnv:
+    rank_var, world_var, local_var, port_var = names
+    if env.world_size < 1:
+        raise EnvError(f"{world_var}={env.world_size}: must be >= 1")
+    if not 0 <= env.rank < env.world_size:
+        raise EnvError(f"{rank_var}={env.rank}: must be in [0, {world_var}={env.world_size})")
+    if not 0 <= env.local_rank < max(env.local_world_size, 1):
+        raise EnvError(f"{local_var}={env.local_rank}: must be in [0, local world size {env.local_world_size})")
+    if not 0 < env.master_port < 65536:
+        raise EnvError(f"{port_var}={env.master_port}: must be a TCP port (1-65535)")
+    return env
+
+
 def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     environ = os.environ if environ is None else environ
+    if "RANK" in environ or "WORLD_SIZE" in environ:
+        return _from_torchrun(environ)
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        return _from_slurm(environ)
+    return DistEnv()
+
+
+def _from_torchrun(environ: Mapping[str, str]) -> DistEnv:
     world = _int(environ, "WORLD_SIZE", 1)
     rank = _int(environ, "RANK", 0)
-    local_rank = _int(environ, "LOCAL_RANK", rank)
-    local_world = _int(environ, "LOCAL_WORLD_SIZE", world)
-    if world < 1:
-        raise EnvError(f"WORLD_SIZE={world}: must be >= 1")
-    if not 0 <= rank < world:
-        raise EnvError(f"RANK={rank}: must be in [0, WORLD_SIZE={world})")
-    if not 0 <= local_rank < max(local_world, 1):
-        raise EnvError(f"LOCAL_RANK={local_rank}: must be in [0, LOCAL_WORLD_SIZE={local_world})")
-    port = _int(environ, "MASTER_PORT", 29500)
-    if not 0 < port < 65536:
-        raise EnvError(f"MASTER_PORT={port}: must be a TCP port (1-65535)")
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
-                   master_addr=environ.get("MASTER_ADDR", "127.0.0.1"), master_port=port)
+    env = DistEnv(rank=rank, world_size=world, local_rank=_int(environ, "LOCAL_RANK", rank),
+                  local_world_size=_int(environ, "LOCAL_WORLD_SIZE", world),
+                  master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+                  master_port=_int(environ, "MASTER_PORT", 29500), source="torchrun")
+    return _check(env, ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"))
+
+
+def _from_slurm(environ: Mapping[str, str]) -> DistEnv:
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise EnvError("SLURM_JOB_NODELIST is not set (needed for the master address of an srun task)")
+    hosts = expand_hostlist(nodelist)
+    job_id = _int(environ, "SLURM_JOB_ID", 0)
+    port = _int(environ, "MASTER_PORT", port_from_job_id(job_id))
+    env = DistEnv(rank=_int(environ, "SLURM_PROCID"), world_size=_int(environ, "SLURM_NTASKS"),
+                  local_rank=_int(environ, "SLURM_LOCALID", 0),
+                  local_world_size=tasks_on_first_node(environ),
+                  master_addr=environ.get("MASTER_ADDR", hosts[0]), master_port=port, source="slurm")
+    return _check(env, ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_PORT"))
+
+
+def port_from_job_id(job_id: int) -> int:
+    """A port every task of a job derives alike, spread over 20000-39999 so concurrent jobs rarely collide."""
+    return 20000 + job_id % 20000
+
+
+def tasks_on_first_node(environ: Mapping[str, str]) -> int:
+    """Tasks per node from ``SLURM_TASKS_PER_NODE`` (``"2(x3),1"``) or ``SLURM_NTASKS_PER_NODE``."""
+    raw = environ.get("SLURM_TASKS_PER_NODE") or environ.get("SLURM_NTASKS_PER_NODE")
+    if not raw:
+        return _int(environ, "SLURM_NTASKS")
+    m = re.match(r"^(\d+)", raw)
+    if not m:
+        raise EnvError(f"SLURM_TASKS_PER_NODE={raw!r}: expected e.g. '4' or '4(x2)'")
+    return int(m.group(1))
+
+
+def expand_hostlist(spec: str) -> list[str]:
+    """Expand a SLURM host list: ``gpu[01-04,07],login1`` → gpu01 gpu02 gpu03 gpu04 gpu07 login1.
+
+    Zero padding follows the range's start; several bracket groups in one name expand as a product."""
+    hosts: list[str] = []
+    for part in _split_top_level(spec.strip()):
+        hosts.extend(_expand_one(part, spec))
+    if not hosts:
+        raise EnvError(f"SLURM_JOB_NODELIST={spec!r}: no hosts")
+    return hosts
+
+
+def _split_top_level(spec: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in spec:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise EnvError(f"SLURM_JOB_NODELIST={spec!r}: unbalanced ']'")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise EnvError(f"SLURM_JOB_NODELIST={spec!r}: unbalanced '['")
+    parts.append("".join(cur))
+    return [p for p in parts if p]
+
+
+def _expand_one(name: str, spec: str) -> list[str]:
+    m = re.search(r"\[([^\]]*)\]", name)
+    if not m:
+        return [name]
+    head, tail = name[:m.start()], name[m.end():]
+    out = []
+    for item in m.group(1).split(","):
+        if "-" in item:
+            lo, _, hi = item.partition("-")
+            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
+                raise EnvError(f"SLURM_JOB_NODELIST={spec!r}: bad range {item!r}")
+            width = len(lo)
+            values = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+        elif item.isdigit():
+            values = [item]
+        else:
+            raise EnvError(f"SLURM_JOB_NODELIST={spec!r}: bad element {item!r}")
+        for v in values:
+            out.extend(_expand_one(head + v + tail, spec))
+    return out
