@@ -101,3 +101,37 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
     opt_state = trainer.engine.optimizer.state
     assert opt_state and all(int(s["step"]) == 2 for s in opt_state.values())
     trainer.fit()
+
+
+def test_signal_checkpoints_and_exits_for_requeue_then_resume_matches(tmp_path):
+    """SIGUSR1 mid-run: the step finishes, a checkpoint is written, the run exits with the requeue status; the
+    resumed run ends with exactly the adapters of an uninterrupted run."""
+    import os
+    import signal
+
+    from launcher.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Preempted
+
+    reference = run(tmp_path / "a", "lora").engine.state_dict()
+    batches = fixed_batches(n=3)
+    cfg = tiny_cfg(tmp_path / "b", "lora", "method.dropout=0.1", "train.steps=6", "train.log_every=1")
+    trainer = Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches)
+    original = trainer.train_step
+
+    def train_step(step, stream):
+        out = original(step, stream)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # arrives mid-run, like `scancel --signal=USR1`
+        return out
+
+    trainer.train_step = train_step
+    with pytest.raises(Preempted) as e:
+        trainer.fit()
+    assert e.value.code == REQUEUE_EXIT_CODE and e.value.step == 3
+    assert (tmp_path / "b" / "lora" / PREEMPTED_MARKER).is_file()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handler removed again
+    resumed = run(tmp_path / "b", "lora", "train.resume=auto")
+    assert resumed.start_step == 3
+    assert not (tmp_path / "b" / "lora" / PREEMPTED_MARKER).exists()
+    got = resumed.engine.state_dict()
+    for k in reference:
+        assert torch.equal(got[k], reference[k]), k

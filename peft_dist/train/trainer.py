@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from launcher.env import DistEnv
+from launcher.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
 from peft_dist.config import RunConfig
 from peft_dist.dist import parallelize
 from peft_dist.dist.process_group import all_reduce_sum
@@ -101,6 +102,7 @@ class Trainer:
         self.skipped = 0
         self.images_seen = 0
         self.start_step = 0
+        self.preemption = PreemptionFlag()
         resume_from = resolve_resume(cfg.train.resume, self.out_dir)
         if resume_from is not None:
             self.restore(resume_from)
@@ -138,6 +140,8 @@ class Trainer:
                    disable=not (self.env.is_main and cfg.train.progress), dynamic_ncols=True)
         start = window_start = time.perf_counter()
         window_images, window_loss, window_steps = 0, 0.0, 0
+        self.preemption.install()
+        (self.out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         mode = "a" if self.start_step else "w"
         metrics_file = (self.out_dir / "metrics.jsonl").open(mode) if self.env.is_main else None
         try:
@@ -162,11 +166,21 @@ class Trainer:
                     window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
                 if cfg.train.save_every_steps and ((step + 1) % cfg.train.save_every_steps == 0 or last):
                     self.save(step + 1)
+                if not last and self.preemption.agreed(self.device):
+                    self.save(step + 1)
+                    if self.env.is_main:
+                        # torchrun reports any worker exit as 1, so leave a marker the batch script can see too
+                        atomic_write_text(self.out_dir / PREEMPTED_MARKER, json.dumps({"step": step + 1}) + "\n")
+                        print(f"preempted ({self.preemption.signal_name or 'another rank'}): checkpoint at step "
+                              f"{step + 1} written; exiting with status {REQUEUE_EXIT_CODE} for requeue", flush=True)
+                    self.tracker.set_tags({"preempted_at_step": str(step + 1)})
+                    raise Preempted(step + 1)
                 every = cfg.train.eval_every_epochs
                 if every and not last and (step + 1) % (every * self.steps_per_epoch) == 0:
                     top1 = self.evaluate()
                     self.tracker.log_metrics({"eval_top1": top1}, step=step + 1)
         finally:
+            self.preemption.uninstall()
             bar.close()
             if metrics_file:
                 metrics_file.close()
@@ -298,6 +312,10 @@ def train(cfg: RunConfig, env: DistEnv, device: torch.device, train_loader=None,
     trainer = Trainer(cfg, env, device, train_loader, eval_loader)
     try:
         return trainer.fit()
+    except Preempted:
+        trainer.tracker.finish("KILLED")
+        raise
     except BaseException:
         trainer.tracker.finish("FAILED")
         raise
+
