@@ -35,6 +35,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from peft_dist.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from launcher.dry_run import dry_run, format_report
+
+        report = dry_run(cfg, args.world_size)
+        print(format_report(report))
+        return 0
     env, summary = _run_distributed(cfg, lambda env, device: train(cfg, env, device))
     if env.is_main:
         print_summary(summary, cfg.train.out_dir)
@@ -106,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", action="append", default=None,
                    help="run config YAML; repeat to layer files (backbone, method, task), later ones win")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.add_argument("--dry-run", action="store_true",
+                   help="build, apply the method and shard on a fake process group with meta weights; report "
+                        "per-rank memory; no training")
+    t.add_argument("--world-size", type=int, default=8, help="world size of the --dry-run")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="top-1 of a finished run on its eval split")

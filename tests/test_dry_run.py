@@ -1,0 +1,46 @@
+"""--dry-run: a 32-rank configuration checked on one CPU with a fake process group and meta weights."""
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, REPO
+from launcher.dry_run import dry_run
+from peft_dist.config import load_config
+
+VIT_H_FROZEN = 630_764_800  # parameters of timm vit_huge_patch14_224 without its head
+
+
+def test_cli_dry_run_vit_h_fsdp2_32_ranks():
+    r = subprocess.run([PYTHON, "-m", "peft_dist.cli", "train", "--config", "configs/backbones/vit_h14.yaml",
+                        "--config", "configs/methods/lora.yaml", "data.source=synthetic", "dist.engine=fsdp2",
+                        "--dry-run", "--world-size", "32"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "world size 32" in r.stdout and "per-rank memory" in r.stdout
+    assert f"frozen: {VIT_H_FROZEN:,}" in r.stdout
+
+
+@pytest.mark.parametrize("engine, stage, frozen_divisor", [("fsdp2", 2, 32), ("ddp", 2, 1), ("deepspeed", 1, 1),
+                                                           ("deepspeed", 3, 32)])
+def test_per_rank_bytes_follow_the_sharding(engine, stage, frozen_divisor):
+    cfg = load_config([REPO / "configs/backbones/vit_h14.yaml"], [
+        "data.source=synthetic", "method.name=lora", "method.rank=8", f"dist.engine={engine}",
+        f"dist.zero_stage={stage}"])
+    report = dry_run(cfg, 32)
+    b = report["per_rank_bytes"]
+    # FSDP2 shards dim 0: rank 0 also holds tensors whose dim 0 is 1 (pos_embed, cls_token) whole, ~1.6 % extra
+    assert abs(b["params_frozen"] - VIT_H_FROZEN * 4 / frozen_divisor) < 0.02 * VIT_H_FROZEN * 4 / frozen_divisor
+    trainable = report["trainable_params"]
+    if engine == "deepspeed":
+        assert b["optimizer_state"] == 8 * -(-trainable // 32)
+    elif engine == "fsdp2":
+        assert abs(b["optimizer_state"] - 8 * trainable / 32) <= 8 * 4096  # per-tensor dim-0 padding
+    else:
+        assert b["optimizer_state"] == 8 * trainable
+
+
+def test_dry_run_names_a_missing_checkpoint(tmp_path):
+    r = subprocess.run([PYTHON, "-m", "peft_dist.cli", "train", "--config", "configs/backbones/vit_b16.yaml",
+                        "data.source=synthetic", f"model.checkpoint={tmp_path}/ViT-B_16.npz", "--dry-run"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"peft-dist: error: checkpoint not found: {tmp_path}/ViT-B_16.npz"
