@@ -33,7 +33,10 @@ def test_per_rank_bytes_follow_the_sharding(engine, stage, frozen_divisor):
     if engine == "deepspeed":
         assert b["optimizer_state"] == 8 * -(-trainable // 32)
     elif engine == "fsdp2":
-        assert abs(b["optimizer_state"] - 8 * trainable / 32) <= 8 * 4096  # per-tensor dim-0 padding
+        # Adam state follows the trainable shards: 8 bytes per local fp32 element. Dim-0 sharding is uneven for
+        # tensors with fewer rows than ranks (LoRA A is 8 x 1280): rank 0 holds a row of each, so it is the maximum.
+        assert b["optimizer_state"] == 2 * b["params_trainable"]
+        assert 8 * trainable / 32 <= b["optimizer_state"] < 8 * trainable / 2
     else:
         assert b["optimizer_state"] == 8 * trainable
 
