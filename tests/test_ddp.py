@@ -27,7 +27,7 @@ def overrides(tmp_path, engine, method):
 
 @pytest.mark.parametrize("engine, method", [
     ("ddp", "lora"), ("fsdp2", "lora"), ("fsdp2", "bitfit"),
-    ("deepspeed-1", "lora"), ("deepspeed-2", "lora"), ("deepspeed-3", "lora")])
+    ("deepspeed-1", "lora"), ("deepspeed-2", "lora"), ("deepspeed-3", "lora"), ("fairscale_oss", "lora")])
 def test_two_ranks_equal_single_process(tmp_path, engine, method):
     batches = global_batches()
     single_out, ddp_out = str(tmp_path / "single.pt"), str(tmp_path / f"{engine}.pt")

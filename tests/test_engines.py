@@ -65,3 +65,13 @@ def test_failed_rank_does_not_hang_the_others(tmp_path):
     assert all(c is not None for c in codes), f"a rank hung: exit codes {codes}"
     assert all(c != 0 for c in codes), codes
     assert time.monotonic() - start < 120
+
+
+def test_fairscale_missing_extra_is_a_clear_error(monkeypatch):
+    import sys
+
+    from peft_dist.dist.fairscale_oss import _import_oss
+
+    monkeypatch.setitem(sys.modules, "fairscale.optim", None)  # as if the legacy extra were not installed
+    with pytest.raises(RuntimeError, match=r"fairscale_oss needs the legacy extra: pip install 'peft-dist\[legacy\]'"):
+        _import_oss()

@@ -8,7 +8,8 @@ from launcher.env import DistEnv
 from peft_dist.dist.engine import Engine
 
 _ENGINES = {"single": "peft_dist.dist.engine:Engine", "ddp": "peft_dist.dist.ddp:DDPEngine",
-            "fsdp2": "peft_dist.dist.fsdp2:FSDP2Engine", "deepspeed": "peft_dist.dist.deepspeed_engine:DeepSpeedEngine"}
+            "fsdp2": "peft_dist.dist.fsdp2:FSDP2Engine", "deepspeed": "peft_dist.dist.deepspeed_engine:DeepSpeedEngine",
+            "fairscale_oss": "peft_dist.dist.fairscale_oss:FairscaleOSSEngine"}
 
 
 def engine_names() -> list[str]:

@@ -122,25 +122,39 @@ def load_checkpoint(engine, path: Path) -> dict[str, Any]:
     return torch.load(path / "trainer.pt", weights_only=True)
 
 
-def save_dcp(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-
-
-def load_dcp(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+def save_dcp(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> None:
+    """Trainable tensors (+ optimizer state, unless the engine stores its own) through DCP, by FQN."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     opts = StateDictOptions(ignore_frozen_params=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-    state = {"model": model_sd, "optim": optim_sd}
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model, options=opts)}
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+        state = {"model": model_sd, "optim": optim_sd}
+    dcp.save(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+
+
+def load_dcp(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
+
+    opts = StateDictOptions(ignore_frozen_params=True)
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model, options=opts)}
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+        state = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except Exception as e:  # a checkpoint of another method/model: say which
         raise CheckpointError(f"checkpoint {path} does not fit this run: {type(e).__name__}: {e}") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    opts = StateDictOptions(ignore_frozen_params=True, strict=False)
+    if optimizer is None:
+        set_model_state_dict(model, state["model"], options=opts)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=opts)
 
 
 def _fsync_dir(path: Path) -> None:
