@@ -57,6 +57,8 @@ class MethodConfig:
 
 @dataclass
 class DataConfig:
+    """Where batches come from (``peft_dist.data``; spec ecosystem §5)."""
+
     source: Literal["shards", "synthetic"] = "shards"
     """``shards``: webdataset tar shards written by ``peft-dist shards``; ``synthetic``: random tensors (tests)."""
     path: str | None = None
@@ -67,22 +69,37 @@ class DataConfig:
     """Per-rank micro-batch size; the global batch is batch_size x world_size x train.grad_accum."""
     eval_batch_size: int = 64
     num_workers: int = 2
+    """DataLoader worker processes per rank (0: decode in the training process)."""
     img_size: int = 224
     augment: Literal["none", "flip", "randaug"] = "none"
     """Train-time augmentation; VTAB-1k recipes use none, FGVC recipes use flip (random resized crop + flip)."""
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """Per-channel normalisation mean (ImageNet's by default; the IN-21k ViTs use 0.5, 0.5, 0.5)."""
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """Per-channel normalisation std (ImageNet's by default; the IN-21k ViTs use 0.5, 0.5, 0.5)."""
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+    """Resampling filter of the resize / random-resized-crop transforms."""
     shuffle_buffer: int = 1000
+    """Train samples shuffled together (per loader worker, capped at what the worker yields in an epoch);
+    0 or 1 reads each shard in its stored order."""
     skip_corrupt: bool = False
     """Skip (and count) samples whose image bytes or label cannot be decoded instead of failing."""
     synthetic_samples: int = 256
     """Train samples of the synthetic source (eval uses a quarter)."""
+    synthetic_classes: int = 10
+    """Classes of the synthetic source (set model.num_classes to match)."""
+    synthetic_seed: int = 0
+    """Seeds the synthetic data set itself (class patterns and samples; train.seed only orders it)."""
 
     def validate(self) -> None:
         if self.source == "shards" and not self.path:
             raise ConfigError("data.path: required when data.source=shards (a directory written by `peft-dist shards`)")
-        for key in ("batch_size", "eval_batch_size", "img_size", "synthetic_samples"):
+        for key in ("batch_size", "eval_batch_size", "img_size", "synthetic_samples", "synthetic_classes"):
             _check_range(f"data.{key}", getattr(self, key), low=1)
         _check_range("data.num_workers", self.num_workers, low=0)
         _check_range("data.shuffle_buffer", self.shuffle_buffer, low=0)
+        for i, s in enumerate(self.std):
+            _check_range(f"data.std[{i}]", s, low=0.0, low_open=True)
 
 
 @dataclass
@@ -168,6 +185,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     progress: bool = True
     """tqdm progress bar on rank 0."""
+    protocol: Literal["standard", "paper"] = "standard"
+    """``standard``: report the last epoch on the eval split (select hyper-parameters on val200 beforehand).
+    ``paper``: also evaluate on the eval split every ``eval_every_epochs`` and in each of the last 10 epochs and
+    report the best — the papers' test-set selection, labelled as such everywhere it appears."""
     save_every_steps: int = 0
     """Write a resumable checkpoint every N optimizer steps (0: only at the end and on preemption)."""
     keep_checkpoints: int = 2

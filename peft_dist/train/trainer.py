@@ -32,6 +32,9 @@ from peft_dist.tracking import make_tracker
 from peft_dist.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 
 
+PAPER_PROTOCOL_LABEL = "paper (best test epoch: selected on the test split, not a held-out estimate)"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -102,6 +105,7 @@ class Trainer:
         self.skipped = 0
         self.images_seen = 0
         self.start_step = 0
+        self.eval_history: list[dict[str, float]] = []
         self.preemption = PreemptionFlag()
         resume_from = resolve_resume(cfg.train.resume, self.out_dir)
         if resume_from is not None:
@@ -175,9 +179,10 @@ class Trainer:
                               f"{step + 1} written; exiting with status {REQUEUE_EXIT_CODE} for requeue", flush=True)
                     self.tracker.set_tags({"preempted_at_step": str(step + 1)})
                     raise Preempted(step + 1)
-                every = cfg.train.eval_every_epochs
-                if every and not last and (step + 1) % (every * self.steps_per_epoch) == 0:
+                if not last and self.eval_due(step + 1):
                     top1 = self.evaluate()
+                    self.eval_history.append({"step": step + 1, "epoch": (step + 1) / self.steps_per_epoch,
+                                              "top1": top1})
                     self.tracker.log_metrics({"eval_top1": top1}, step=step + 1)
         finally:
             self.preemption.uninstall()
@@ -186,7 +191,20 @@ class Trainer:
                 metrics_file.close()
         train_time = time.perf_counter() - start
         top1 = self.evaluate()
+        self.eval_history.append({"step": self.total_steps, "epoch": self.total_steps / self.steps_per_epoch,
+                                  "top1": top1})
         return self.finish(top1, train_time)
+
+    def eval_due(self, steps_done: int) -> bool:
+        """Evaluate at an epoch end every ``eval_every_epochs``; the paper protocol also evaluates in each of the
+        last 10 epochs (SNELL's scripts: every 10 epochs and every epoch of the last 10)."""
+        if steps_done % self.steps_per_epoch:
+            return False
+        epoch = steps_done // self.steps_per_epoch
+        every = self.cfg.train.eval_every_epochs or (10 if self.cfg.train.protocol == "paper" else 0)
+        total_epochs = -(-self.total_steps // self.steps_per_epoch)
+        in_last_ten = self.cfg.train.protocol == "paper" and epoch > total_epochs - 10
+        return bool(every and epoch % every == 0) or in_last_ten
 
     def batch_stream(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """Micro-batches across epoch boundaries (the loader is re-seeded per epoch), from micro-batch ``start``:
@@ -279,7 +297,14 @@ class Trainer:
             "model": cfg.model.name,
             "peak_memory_bytes_per_rank": [r.peak_bytes for r in memory],
             "method_summary": self.method.summary(self.model),
+            "protocol": "standard (last epoch)",
+            "eval_history": self.eval_history,
         }
+        if cfg.train.protocol == "paper":
+            best = max(self.eval_history, key=lambda e: e["top1"])
+            summary["protocol"] = PAPER_PROTOCOL_LABEL
+            summary["top1_paper_protocol"] = best["top1"]
+            summary["top1_paper_protocol_epoch"] = best["epoch"]
         adapters = self.engine.state_dict(adapters_only=True)
         if self.env.is_main:
             out = self.out_dir
@@ -290,6 +315,9 @@ class Trainer:
             artifacts = [out / "config.yaml", out / "summary.json", out / "memory.json", out / "adapter.safetensors",
                          out / "metrics.jsonl"]
             artifacts += self.method.write_artifacts(self.model, out)
+            if cfg.train.protocol == "paper":
+                self.tracker.set_tags({"protocol": PAPER_PROTOCOL_LABEL})
+                self.tracker.log_metrics({"eval_top1_paper_protocol": summary["top1_paper_protocol"]})
             self.tracker.log_metrics({"eval_top1": top1, "images_per_s": summary["images_per_s"],
                                       "skipped_samples": summary["skipped_samples"],
                                       **{f"peak_memory_bytes_rank{r.rank}": r.peak_bytes for r in memory}},

@@ -1,0 +1,36 @@
+"""Evaluation protocol: the default reports the last epoch; --paper-protocol adds the best test epoch, labelled."""
+import json
+
+import torch
+
+from launcher.env import DistEnv
+from peft_dist.train.trainer import PAPER_PROTOCOL_LABEL, Trainer
+from test_baselines import fixed_batches, tiny_cfg
+
+
+def test_standard_protocol_reports_last_epoch_only(tmp_path):
+    batches = fixed_batches(n=2)
+    cfg = tiny_cfg(tmp_path, "lora", "train.epochs=3")
+    s = Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches).fit()
+    assert s["protocol"] == "standard (last epoch)" and "top1_paper_protocol" not in s
+    assert [e["epoch"] for e in s["eval_history"]] == [3.0]
+
+
+def test_paper_protocol_evaluates_last_ten_and_every_tenth_epoch(tmp_path):
+    batches = fixed_batches(n=1)
+    cfg = tiny_cfg(tmp_path, "linear", "train.epochs=25", "train.protocol=paper", "tracking.enabled=true")
+    s = Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches).fit()
+    epochs = [e["epoch"] for e in s["eval_history"]]
+    assert epochs == [10.0] + [float(e) for e in range(16, 26)]
+    best = max(s["eval_history"], key=lambda e: e["top1"])
+    assert s["top1_paper_protocol"] == best["top1"] >= s["top1"]
+    assert s["protocol"] == PAPER_PROTOCOL_LABEL and "test split" in s["protocol"]
+    saved = json.loads((tmp_path / "linear" / "summary.json").read_text())
+    assert saved["protocol"] == PAPER_PROTOCOL_LABEL
+
+    import mlflow
+
+    mlflow.set_tracking_uri(s["mlflow_tracking_uri"])
+    run = mlflow.get_run(s["mlflow_run_id"])
+    assert run.data.tags["protocol"] == PAPER_PROTOCOL_LABEL
+    assert run.data.metrics["eval_top1_paper_protocol"] == s["top1_paper_protocol"]
