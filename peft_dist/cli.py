@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("argv", nargs=argparse.REMAINDER)
     la.set_defaults(func=cmd_launch)
 
+    from peft_dist.report import add_report_arguments, run_report
+
+    r = sub.add_parser("report", help="tables over finished runs: per task, VTAB group means, Mean19, FGVC mean")
+    add_report_arguments(r)
+    r.set_defaults(func=run_report)
+
     _optional_subcommands(sub)
     return p
 

@@ -295,6 +295,7 @@ class Trainer:
             "engine": cfg.dist.engine,
             "method": cfg.method.name,
             "model": cfg.model.name,
+            "task": self.task_name(),
             "peak_memory_bytes_per_rank": [r.peak_bytes for r in memory],
             "method_summary": self.method.summary(self.model),
             "protocol": "standard (last epoch)",
@@ -327,6 +328,11 @@ class Trainer:
             summary["mlflow_run_id"] = self.tracker.run_id
         self.tracker.finish()
         return summary
+
+    def task_name(self) -> str | None:
+        """The benchmark task the shards were written from (``vtab/cifar``), if the data set records one."""
+        info = getattr(self.train_loader, "info", None)
+        return getattr(info, "task", None) or (info.get("task") if isinstance(info, dict) else None)
 
     def gather_memory(self, mine: MemoryReport) -> list[MemoryReport]:
         if not (dist.is_initialized() and dist.get_world_size() > 1):
