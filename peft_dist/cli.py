@@ -149,32 +149,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_OPTIONAL_SUBCOMMANDS = [  # (name, module, add-arguments, run, help, needs a loaded config)
+    ("shards", "peft_dist.data.shards", "add_shards_arguments", "run_shards",
+     "write webdataset shards from an image folder, a list file, a VTAB/FGVC task folder or digits", False),
+    ("sensitivity", "peft_dist.methods.spt_sensitivity", "add_sensitivity_arguments", "run_sensitivity",
+     "SPT stage 1: sensitivity pass and allocation file", True),
+    ("memory", "peft_dist.memory.estimator", "add_memory_arguments", "run_memory",
+     "estimate per-rank memory on CPU for any backbone x method x engine x world size", False),
+    ("study", "peft_dist.memory.study", "add_study_arguments", "run_study",
+     "run a memory study over a grid: CSV, Markdown and plots", False),
+    ("demo", "peft_dist.demo", "add_demo_arguments", "run_demo",
+     "the main job: digits shards -> 2-process LoRA run -> MLflow -> summary", False),
+]
+
+
 def _optional_subcommands(sub) -> None:
-    """Subcommands whose modules live in other packages (data, methods, memory)."""
-    try:
-        from peft_dist.data.shards import add_shards_arguments, run_shards  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        s = sub.add_parser("shards", help="write webdataset shards from an image folder, a list file or digits")
-        add_shards_arguments(s)
-        s.set_defaults(func=run_shards)
-    try:
-        from peft_dist.methods.spt_sensitivity import add_sensitivity_arguments, run_sensitivity
-    except ImportError:
-        pass
-    else:
-        s = sub.add_parser("sensitivity", help="SPT stage 1: sensitivity pass and allocation file")
-        add_sensitivity_arguments(s)
-        s.set_defaults(func=_with_config(run_sensitivity))
-    try:
-        from peft_dist.demo import add_demo_arguments, run_demo
-    except ImportError:
-        pass
-    else:
-        s = sub.add_parser("demo", help="the main job: digits shards → 2-process LoRA run → MLflow → summary")
-        add_demo_arguments(s)
-        s.set_defaults(func=run_demo)
+    """Subcommands whose modules live in other packages (data, methods, memory); absent ones are not offered."""
+    import importlib
+
+    for name, module, add, run, help_text, needs_config in _OPTIONAL_SUBCOMMANDS:
+        try:
+            mod = importlib.import_module(module)
+            add_arguments, run_fn = getattr(mod, add), getattr(mod, run)
+        except (ImportError, AttributeError):
+            continue
+        s = sub.add_parser(name, help=help_text)
+        add_arguments(s)
+        s.set_defaults(func=_with_config(run_fn) if needs_config else run_fn)
 
 
 def _with_config(fn: Callable) -> Callable:

@@ -122,29 +122,25 @@ def load_checkpoint(engine, path: Path) -> dict[str, Any]:
     return torch.load(path / "trainer.pt", weights_only=True)
 
 
-def save_dcp(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> None:
-    """Trainable tensors (+ optimizer state, unless the engine stores its own) through DCP, by FQN."""
+def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Trainable tensors (+ optimizer state, unless the engine stores its own) keyed by FQN, frozen ones left out."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     opts = StateDictOptions(ignore_frozen_params=True)
     if optimizer is None:
-        state = {"model": get_model_state_dict(model, options=opts)}
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-        state = {"model": model_sd, "optim": optim_sd}
-    dcp.save(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        return {"model": get_model_state_dict(model, options=opts)}
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save_dcp(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> None:
+    dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(path), no_dist=not dist.is_initialized())
 
 
 def load_dcp(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> None:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                         set_model_state_dict, set_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
-    opts = StateDictOptions(ignore_frozen_params=True)
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model, options=opts)}
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-        state = {"model": model_sd, "optim": optim_sd}
+    state = _dcp_state(model, optimizer)  # the current layout is the target DCP reshards into
     try:
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except Exception as e:  # a checkpoint of another method/model: say which
