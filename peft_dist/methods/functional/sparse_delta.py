@@ -1,0 +1,93 @@
+"""SPT's unstructured tuning as one autograd Function with bounded memory (spec ``spt_arc_hta.md`` §1.5, §5.2 item 6).
+
+The layer computes ``y = x · (W0 + scatter(δ))ᵀ`` where ``W0`` is the frozen weight and ``δ ∈ R^K`` holds the K
+trainable entries at flat positions ``index`` of ``W0``. The official code saves a full clone of the effective weight
+and the gathered input columns ``x[..., cols]`` (B·N·K numbers), and takes the diagonal of a K×K product in backward.
+Here the Function saves only what a frozen ``nn.Linear`` saves, the input ``x`` (``W0``, ``δ`` and ``index`` are
+parameters/buffers that exist anyway):
+
+* forward rebuilds ``W0 + scatter(δ)`` transiently and runs one GEMM;
+* backward rebuilds it again for ``∂L/∂x = G · W_eff`` and forms the dense weight gradient ``Gᵀ·X`` once, as a
+  transient GEMM, then gathers it at ``index`` for ``∂L/∂δ``. No K×K matrix, no B·N·K gather.
+
+Under autocast, :func:`sparse_delta_linear` casts the input and weight to the autocast dtype itself and runs the
+Function with autocast off, so ``δ`` keeps its own (fp32) dtype and receives its gradient in that dtype (§5.2 item 6).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def check_index(index: torch.Tensor, numel: int, what: str = "index") -> None:
+    """Raise ``ValueError`` unless ``index`` is a 1-D integer tensor of distinct positions in ``[0, numel)``."""
+    if index.dtype not in (torch.int32, torch.int64) or index.ndim != 1:
+        raise ValueError(f"{what}: expected a 1-D int32/int64 tensor, got {index.dtype} with shape "
+                         f"{tuple(index.shape)}")
+    if index.numel() == 0:
+        return
+    low, high = int(index.min()), int(index.max())
+    if low < 0 or high >= numel:
+        raise ValueError(f"{what}: positions must lie in [0, {numel}), got min {low} and max {high}")
+    # Duplicate positions would be summed by the scatter but each copy would receive the full gradient, which is a
+    # different (and surprising) parameterisation: refuse them.
+    if torch.unique(index).numel() != index.numel():
+        raise ValueError(f"{what}: positions must be distinct ({index.numel() - torch.unique(index).numel()} "
+                         "duplicates)")
+
+
+def compact_index_dtype(numel: int) -> torch.dtype:
+    """int32 positions whenever they fit (spec §1.5: non-persistent int32 index buffers), int64 beyond 2³¹."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def effective_weight(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``W0 + scatter(δ)`` as a new tensor in ``dtype`` (default: the weight's); W0 itself is left untouched."""
+    dtype = dtype or weight.dtype
+    flat = weight.to(dtype).reshape(-1)
+    return flat.index_add(0, index, delta.to(dtype)).view(weight.shape)
+
+
+class SparseDeltaLinearFunction(torch.autograd.Function):
+    """``y = x · (W0 + scatter(δ, index))ᵀ`` with a dense-GEMM-then-gather backward (spec §1.5)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor):
+        ctx.save_for_backward(x, weight, delta, index)
+        return x.matmul(effective_weight(weight, delta, index, x.dtype).t())
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, delta, index = ctx.saved_tensors
+        need_x, need_weight, need_delta = ctx.needs_input_grad[:3]
+        grad_x = grad_weight = grad_delta = None
+        if need_x:
+            grad_x = grad_out.matmul(effective_weight(weight, delta, index, grad_out.dtype))
+        if need_weight or need_delta:
+            # The full weight gradient as one GEMM over all tokens; it lives only inside this backward call.
+            dense = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+            if need_delta:
+                grad_delta = dense.reshape(-1).index_select(0, index).to(delta.dtype)
+            if need_weight:
+                grad_weight = dense.to(weight.dtype)
+        return grad_x, grad_weight, grad_delta, None
+
+
+def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, W0 + scatter(δ, index), bias)`` through :class:`SparseDeltaLinearFunction`.
+
+    ``index`` holds flat positions into ``weight`` (row-major), distinct, validated by the caller once at build
+    time (:func:`check_index`); checking them on every call would cost a sync per layer.
+    """
+    device_type = x.device.type
+    # The weight goes in uncast: the Function casts W0 + scatter(δ) to x's dtype transiently, so no converted copy
+    # of the weight is ever saved for backward (a bf16-stored W0 under fp32 compute, or fp32 W0 under autocast).
+    if torch.is_autocast_enabled(device_type):
+        compute = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            out = SparseDeltaLinearFunction.apply(x.to(compute), weight, delta, index)
+            return out if bias is None else out + bias.to(compute)
+    compute = torch.promote_types(x.dtype, weight.dtype)
+    out = SparseDeltaLinearFunction.apply(x.to(compute), weight, delta, index)
+    return out if bias is None else out + bias.to(out.dtype)
