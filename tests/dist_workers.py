@@ -16,7 +16,7 @@ def init_gloo(rank: int, world: int, port: int) -> None:
 
 def train_shard_of_global_batches(rank: int, world: int, port: int, overrides: list[str], batches, out_file: str):
     """Train on this rank's contiguous share of each global batch and save the trainable tensors (rank 0)."""
-    from launcher.env import read_dist_env
+    from launcher.env import DistEnv, read_dist_env
     from peft_dist.config import load_config
     from peft_dist.train.trainer import Trainer
 
@@ -26,7 +26,7 @@ def train_shard_of_global_batches(rank: int, world: int, port: int, overrides: l
     try:
         share = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in batches]
         cfg = load_config(None, overrides)
-        trainer = Trainer(cfg, read_dist_env() if world > 1 else __import__("launcher").DistEnv(),
+        trainer = Trainer(cfg, read_dist_env() if world > 1 else DistEnv(),
                           torch.device("cpu"), share, share)
         trainer.fit()
         adapters = trainer.engine.state_dict()  # a collective under sharding engines: every rank calls it

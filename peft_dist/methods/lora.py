@@ -75,15 +75,16 @@ class LoRALinear(AdaptedModule):
 
 
 def merged_linear(base: nn.Linear, delta_weight: torch.Tensor, delta_bias: torch.Tensor | None = None) -> nn.Linear:
-    """A plain nn.Linear holding ``W0 + ΔW`` (and ``b0 + Δb``), computed in fp32 then cast back."""
+    """A plain nn.Linear holding ``W0 + ΔW`` (and ``b0 + Δb``), summed in at least fp32 then cast back."""
     out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None or delta_bias is not None,
                     device=base.weight.device, dtype=base.weight.dtype)
+    acc = torch.promote_types(torch.float32, base.weight.dtype)  # fp64 layers merge in fp64
     with torch.no_grad():
-        out.weight.copy_((base.weight.float() + delta_weight.float()).to(base.weight.dtype))
+        out.weight.copy_((base.weight.to(acc) + delta_weight.to(acc)).to(base.weight.dtype))
         if out.bias is not None:
-            bias = base.bias.float() if base.bias is not None else torch.zeros_like(out.bias, dtype=torch.float32)
+            bias = base.bias.to(acc) if base.bias is not None else torch.zeros_like(out.bias, dtype=acc)
             if delta_bias is not None:
-                bias = bias + delta_bias.float()
+                bias = bias + delta_bias.to(acc)
             out.bias.copy_(bias.to(out.bias.dtype))
     out.requires_grad_(False)
     return out
