@@ -173,7 +173,7 @@ def write_report(runs: list[Run], out_dir: Path, paper_protocol: bool = False) -
 
     protocol = "paper protocol: best test epoch (test-set selection)" if paper_protocol else \
         "standard protocol: last epoch"
-    header = ["method", *tasks, *(AGG_LABELS[a] for a in aggs), "params (M)", "params w/o head (M)",
+    header = ["method", *tasks, *(AGG_LABELS[a] for a in aggs), "trainable params", "w/o head",
               "peak MiB", "img/s"]
     lines = [f"top-1 % ({protocol}; mean ± std over seeds)", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
@@ -182,7 +182,7 @@ def write_report(runs: list[Run], out_dir: Path, paper_protocol: bool = False) -
         for t in tasks:
             cells.append(f"{r[t]:.1f} ± {r[f'{t} std']:.1f}" if t in r else "—")
         cells += [f"{r[a]:.1f}" if a in r else "—" for a in aggs]
-        cells += [f"{r['trainable_params_M']:.3f}", f"{r['trainable_params_without_head_M']:.3f}",
+        cells += [f"{1e6 * r['trainable_params_M']:,.0f}", f"{1e6 * r['trainable_params_without_head_M']:,.0f}",
                   f"{r['peak_memory_MiB']:.0f}", f"{r['images_per_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     anchors = anchor_rows(runs, aggs)

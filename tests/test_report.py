@@ -75,7 +75,7 @@ def test_report_files_and_seed_statistics(tmp_path):
     md = paths["markdown"].read_text()
     std = statistics.stdev([80.0, 84.0, 82.0])
     assert f"82.0 ± {std:.1f}" in md and "lora-8" in md and "standard protocol: last epoch" in md
-    assert "0.295" in md  # trainable params with head, in M
+    assert "295,912 | 294,912" in md  # trainable params with and without the head
     rows = paths["csv"].read_text().splitlines()
     assert rows[0].startswith("method,vtab/cifar") and len(rows) == 3
     assert paths["png"].stat().st_size > 1000
