@@ -10,11 +10,15 @@ import json
 import sys
 from typing import Callable
 
+from launcher.env import EnvError
 from peft_dist.config import ConfigError
+from peft_dist.data.info import DataError
 from peft_dist.methods.base import MergeError
 from peft_dist.models.backbone import CheckpointError
+from peft_dist.tasks import TaskError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, MergeError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, MergeError, FileNotFoundError,
+                                                DataError, TaskError, EnvError)
 
 
 def _run_distributed(cfg, work: Callable):

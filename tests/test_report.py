@@ -103,3 +103,25 @@ def test_split_files_checked(tmp_path):
     (cars / "test.json").write_text("{not json")
     with pytest.raises(TaskError, match="test.json: malformed json split"):
         task_split_lists("fgvc", cars, tmp_path / "work")
+
+
+def test_vtab_task_folder_becomes_shards_with_task_recorded(tmp_path):
+    from PIL import Image
+
+    from peft_dist.data import read_info, write_shards
+
+    task_dir = tmp_path / "vtab-1k" / "eurosat"
+    (task_dir / "images").mkdir(parents=True)
+    lines = []
+    for i in range(12):
+        Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(task_dir / "images" / f"{i}.jpg")
+        lines.append(f"images/{i}.jpg {i % 10}")
+    (task_dir / "train800.txt").write_text("\n".join(lines[:8]) + "\n")
+    (task_dir / "val200.txt").write_text("\n".join(lines[8:]) + "\n")
+    (task_dir / "train800val200.txt").write_text("\n".join(lines) + "\n")
+    (task_dir / "test.txt").write_text("\n".join(lines[:3]) + "\n")
+    info = write_shards(f"vtab:{task_dir}", tmp_path / "shards", shard_size=5)
+    assert info["task"] == "vtab/eurosat" and info["num_classes"] == 10  # the task's count, not max label + 1
+    back = read_info(tmp_path / "shards")
+    assert back.task == "vtab/eurosat"
+    assert back.num_samples == {"train800": 8, "val200": 4, "train800val200": 12, "test": 3}

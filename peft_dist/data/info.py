@@ -60,6 +60,8 @@ class DatasetInfo:
     splits: dict[str, SplitInfo] = field(default_factory=dict)
     root: Path | None = None
     source: str = ""
+    task: str | None = None
+    """The benchmark task the shards were written from (``vtab/cifar``; peft_dist.tasks), if any."""
 
     @property
     def num_classes(self) -> int:
@@ -83,7 +85,7 @@ class DatasetInfo:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": INFO_FORMAT, "version": INFO_VERSION, "source": self.source,
+            "format": INFO_FORMAT, "version": INFO_VERSION, "source": self.source, "task": self.task,
             "num_classes": self.num_classes, "classes": list(self.classes),
             "splits": {name: {"num_samples": s.num_samples, "filenames": list(s.filenames),
                               "shard_lengths": list(s.shard_lengths)} for name, s in self.splits.items()},
@@ -132,4 +134,4 @@ def read_info(shard_dir: str | Path) -> DatasetInfo:
                       f"shard_lengths {lengths}")
         splits[name] = SplitInfo(name, int(entry["num_samples"]), list(files), [int(n) for n in lengths])
     return DatasetInfo(classes=[str(c) for c in classes], splits=splits, root=root,
-                       source=str(raw.get("source", "")))
+                       source=str(raw.get("source", "")), task=raw.get("task") or None)

@@ -14,6 +14,10 @@ Sources (``--source``):
     are ignored; the label is the last field, so paths may contain spaces). Paths resolve against the folder of
     the list file. A bare ``list:FILE`` is the ``train`` split; ``list:train=train800.txt,test=test.txt`` names
     several (file names in that form cannot contain ``,``). Classes are ``"0"`` .. ``str(max label)``.
+``vtab:PATH/TASK`` / ``fgvc:PATH/DATASET``
+    A VTAB-1k task folder (``train800.txt``, ``val200.txt``, ``train800val200.txt``, ``test.txt``) or an FGVC data
+    set folder with VPT's ``train.json``/``val.json``/``test.json`` (:mod:`peft_dist.tasks`): every split of the
+    task, with the task's class count, and the task recorded in ``_info.json``.
 ``digits``
     scikit-learn's 1,797 handwritten digits (:mod:`peft_dist.data.digits`): a stratified 80/20 ``train``/``test``
     split drawn from the seed, upscaled to ``digits_size`` pixels.
@@ -174,15 +178,38 @@ def digits_source(seed: int, size: int) -> tuple[list[str], dict[str, list[Pendi
                                    for s in samples] for name, samples in digits_splits(seed, size).items()}
 
 
-def resolve_source(source: str, seed: int, digits_size: int) -> tuple[list[str], dict[str, list[PendingSample]]]:
+def task_source(benchmark: str, folder: str, work_dir: Path) -> tuple[list[str], dict[str, list[PendingSample]]]:
+    from peft_dist.tasks import task_split_lists
+
+    task, lists = task_split_lists(benchmark, Path(folder), work_dir)
+    splits = {name: [PendingSample(origin, label, path=image) for origin, image, label in read_list_file(f)]
+              for name, f in lists.items()}
+    return [str(i) for i in range(task.num_classes)], splits
+
+
+def source_task(source: str) -> str | None:
+    """``vtab:/data/vtab-1k/cifar`` → ``vtab/cifar``; None for other sources."""
+    kind, _, rest = source.partition(":")
+    if kind not in ("vtab", "fgvc") or not rest:
+        return None
+    from peft_dist.tasks import get_task
+
+    return get_task(f"{kind}/{Path(rest).name}").key
+
+
+def resolve_source(source: str, seed: int, digits_size: int,
+                   work_dir: Path | None = None) -> tuple[list[str], dict[str, list[PendingSample]]]:
     kind, sep, rest = source.partition(":")
     if kind == "digits" and not sep:
         return digits_source(seed, digits_size)
+    if kind in ("vtab", "fgvc") and rest:
+        return task_source(kind, rest, work_dir or Path(rest))
     if kind == "folder" and rest:
         return folder_source(Path(rest).expanduser())
     if kind == "list" and rest:
         return list_source(rest)
-    raise DataError(f"--source {source!r}: expected folder:PATH, list:FILE, list:SPLIT=FILE,SPLIT=FILE or digits")
+    raise DataError(f"--source {source!r}: expected folder:PATH, list:FILE, list:SPLIT=FILE,SPLIT=FILE, "
+                    "vtab:PATH/TASK, fgvc:PATH/DATASET or digits")
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -227,14 +254,14 @@ def write_shards(source: str, out_dir: str | Path, shard_size: int = 1000, seed:
     ``shard_size`` samples into ``out_dir`` and return the ``_info.json`` content (spec ecosystem §5)."""
     if shard_size < 1:
         raise DataError(f"shard size must be >= 1; got {shard_size}")
-    classes, splits = resolve_source(source, seed, digits_size)
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    classes, splits = resolve_source(source, seed, digits_size, work_dir=out / "_lists")
     (out / INFO_FILE).unlink(missing_ok=True)
     for split in splits:
         for stale in out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
             stale.unlink()
-    info = DatasetInfo(classes=classes, root=out, source=source)
+    info = DatasetInfo(classes=classes, root=out, source=source, task=source_task(source))
     for split in sorted(splits, key=lambda name: (name != "train", name)):
         for s in splits[split]:
             if not 0 <= s.label < len(classes):  # a source bug, not a user error
@@ -258,10 +285,12 @@ def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_shards(args: argparse.Namespace) -> int:
+    from peft_dist.tasks import TaskError
+
     try:
         info = write_shards(args.source, args.out, shard_size=args.shard_size, seed=args.seed,
                             digits_size=args.digits_size)
-    except DataError as e:
+    except (DataError, TaskError) as e:
         print(f"peft-dist: error: {e}", file=sys.stderr)
         return 2
     for name, split in info["splits"].items():

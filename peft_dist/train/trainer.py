@@ -21,10 +21,11 @@ from tqdm import tqdm
 
 from launcher.env import DistEnv
 from launcher.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
-from peft_dist.config import RunConfig
+from peft_dist.config import ConfigError, RunConfig
 from peft_dist.dist import parallelize
 from peft_dist.dist.process_group import all_reduce_sum
 from peft_dist.memory import MemoryProfiler, MemoryReport
+from peft_dist.memory.profiler import memory_document, memory_metrics
 from peft_dist.methods.base import TrainPlan, count_trainable
 from peft_dist.methods.registry import build_method
 from peft_dist.models.backbone import create_backbone
@@ -91,13 +92,18 @@ class Trainer:
             train_loader = train_loader or build_train_loader(cfg.data, env.rank, env.world_size, cfg.train.seed)
             eval_loader = eval_loader or build_eval_loader(cfg.data, env.rank, env.world_size)
         self.train_loader, self.eval_loader = train_loader, eval_loader
+        data_classes = getattr(getattr(train_loader, "info", None), "num_classes", None)
+        if data_classes is not None and data_classes != cfg.model.num_classes:
+            raise ConfigError(f"model.num_classes: got {cfg.model.num_classes}, but the data has {data_classes} "
+                              f"classes; set model.num_classes={data_classes}")
 
         self.steps_per_epoch = max(1, _batches_per_epoch(train_loader) // cfg.train.grad_accum)
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
         warmup = cfg.optim.warmup_steps or round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.engine = parallelize(self.model, self.method, cfg, env, device, self.total_steps, warmup)
 
-        self.profiler = MemoryProfiler(env.rank, device, enabled=cfg.memory.enabled)
+        self.profiler = MemoryProfiler(env.rank, device, enabled=cfg.memory.enabled, config=cfg.memory,
+                                       out_dir=self.out_dir, world_size=env.world_size)
         self.engine.phase = self.profiler.phase
         tags = {"world_size": str(env.world_size), "engine": cfg.dist.engine, "method": cfg.method.name,
                 "backend": "nccl" if device.type == "cuda" else "gloo", "model": cfg.model.name}
@@ -310,18 +316,20 @@ class Trainer:
         if self.env.is_main:
             out = self.out_dir
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-            atomic_write_text(out / "memory.json", json.dumps({"ranks": [r.to_dict() for r in memory]}, indent=2))
+            atomic_write_text(out / "memory.json", json.dumps(memory_document(memory), indent=2))
             save_adapters(out / "adapter.safetensors", adapters,
                           {"method": cfg.method.name, "model": cfg.model.name})
             artifacts = [out / "config.yaml", out / "summary.json", out / "memory.json", out / "adapter.safetensors",
                          out / "metrics.jsonl"]
             artifacts += self.method.write_artifacts(self.model, out)
+            artifacts += [Path(f) for r in memory for f in r.snapshot_files if Path(f).is_file()]
             if cfg.train.protocol == "paper":
                 self.tracker.set_tags({"protocol": PAPER_PROTOCOL_LABEL})
                 self.tracker.log_metrics({"eval_top1_paper_protocol": summary["top1_paper_protocol"]})
             self.tracker.log_metrics({"eval_top1": top1, "images_per_s": summary["images_per_s"],
                                       "skipped_samples": summary["skipped_samples"],
-                                      **{f"peak_memory_bytes_rank{r.rank}": r.peak_bytes for r in memory}},
+                                      **{f"peak_memory_bytes_rank{r.rank}": r.peak_bytes for r in memory},
+                                      **memory_metrics(memory)},
                                      step=self.total_steps)
             self.tracker.log_artifacts(artifacts)
             summary["mlflow_tracking_uri"] = self.tracker.tracking_uri
