@@ -221,6 +221,17 @@ class TrackingConfig:
 class MemoryConfig:
     enabled: bool = True
     """Record the per-rank memory report (``memory.json``) during the run."""
+    snapshot_steps: int = 0
+    """CUDA only: record the allocator history of the first N optimizer steps and write it to
+    ``memory_snapshots/`` for https://pytorch.org/memory_viz (0: off; recording slows those steps)."""
+    snapshot_on_oom: bool = True
+    """CUDA only: write the allocator state to ``memory_snapshots/`` when an allocation fails."""
+    snapshot_max_entries: int = 100_000
+    """Allocation events kept by the history recorder (``snapshot_steps``)."""
+
+    def validate(self) -> None:
+        _check_range("memory.snapshot_steps", self.snapshot_steps, low=0)
+        _check_range("memory.snapshot_max_entries", self.snapshot_max_entries, low=1)
 
 
 @dataclass
