@@ -19,7 +19,7 @@ class DDPEngine(Engine):
             raise RuntimeError("dist.engine=ddp needs a process group: start with `peft-dist launch --nproc N` "
                                "or torchrun (for one process use dist.engine=single)")
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=device_ids)
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         return self.model.no_sync()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -146,8 +147,10 @@ class Trainer:
         plan = TrainPlan(self.total_steps, self.steps_per_epoch, -(-self.total_steps // self.steps_per_epoch))
         self.method.on_train_start(self.model, plan)
         batches = self.batch_stream(self.start_step * cfg.train.grad_accum)
+        # in a log file (CI, SLURM) redraw rarely instead of once per step
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc="train",
-                   disable=not (self.env.is_main and cfg.train.progress), dynamic_ncols=True)
+                   disable=not (self.env.is_main and cfg.train.progress), dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)
         start = window_start = time.perf_counter()
         window_images, window_loss, window_steps = 0, 0.0, 0
         self.preemption.install()
