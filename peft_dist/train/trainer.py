@@ -318,6 +318,8 @@ class Trainer:
         adapters = self.engine.state_dict(adapters_only=True)
         if self.env.is_main:
             out = self.out_dir
+            summary["mlflow_tracking_uri"] = self.tracker.tracking_uri
+            summary["mlflow_run_id"] = self.tracker.run_id
             atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
             atomic_write_text(out / "memory.json", json.dumps(memory_document(memory), indent=2))
             save_adapters(out / "adapter.safetensors", adapters,
@@ -335,8 +337,6 @@ class Trainer:
                                       **memory_metrics(memory)},
                                      step=self.total_steps)
             self.tracker.log_artifacts(artifacts)
-            summary["mlflow_tracking_uri"] = self.tracker.tracking_uri
-            summary["mlflow_run_id"] = self.tracker.run_id
         self.tracker.finish()
         return summary
 
