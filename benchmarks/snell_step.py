@@ -1,0 +1,200 @@
+"""SNELL training-step benchmark (spec snell_snella.md §7.3): the whole ViT-B/16 step (forward, backward, AdamW step)
+of SNELL against LoRA and against the official-style implementation, measured side by side in one run.
+
+Variants (all on q, k, v, proj, fc1, fc2 of every block, random weights, random data):
+
+* ``lora8`` / ``lora32``: peft-dist's LoRA, rank 8 / 32, no dropout;
+* ``snell32`` / ``snell8``: SNELL at s = 0.9 through the fused Function, ``mode=merged`` (one GEMM on W0 + ΔW);
+* ``reference32``: the same math the way the official code runs it (``implementation=reference``): a parallel
+  branch, autograd through ``cdist`` and ``torch.quantile``, a second GEMM, per-adapter non-reentrant checkpointing
+  (adapter Dropout/DropPath off, so it computes what ``snell32`` computes).
+
+Timing: after one (memory-tracked) warm-up step per variant, ``--reps`` rounds each time one step of every timed
+variant back to back (rotating the order), so machine noise hits all alike; a ratio is the median over rounds of
+that round's ratio. Peak memory: on CUDA ``max_memory_allocated`` of the second step after a reset; on CPU a
+dispatch-mode tracker sums the tensor storages alive at once during the first step, on top of the parameters and
+the optimizer state (exact for tensors, blind to allocator slack). The last line of output is one JSON object.
+
+    python benchmarks/snell_step.py             # ViT-B/16, batch 8, fp32 on CPU (one thread) or batch 32 bf16 on GPU
+    python benchmarks/snell_step.py --quick     # a tiny ViT, seconds: a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import peft_dist  # noqa: E402
+
+SIX = ["q", "k", "v", "proj", "fc1", "fc2"]
+TIMED = ("lora8", "snell32", "reference32")
+MEMORY = ("lora8", "snell8", "lora32", "snell32", "reference32")
+
+
+def variant_options(name: str, sparsity: float) -> tuple[str, dict]:
+    if name.startswith("lora"):
+        rank = int(name[4:])
+        return "lora", dict(rank=rank, alpha=float(rank), targets=SIX, dropout=0.0)
+    if name.startswith("snell"):
+        return "snell", dict(rank=int(name[5:]), sparsity=sparsity, mode="merged")
+    return "snell", dict(rank=int(name[9:]), sparsity=sparsity, implementation="reference", adapter_dropout=0.0,
+                         adapter_drop_path=0.0)
+
+
+class StoragePeak(TorchDispatchMode):
+    """Bytes of tensor storages alive at once, counting only storages created inside the mode."""
+
+    def __init__(self, known: list[torch.Tensor]):
+        super().__init__()
+        self.seen = WeakIdKeyDictionary()
+        for t in known:
+            self.seen[t.untyped_storage()] = 0
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                if storage not in self.seen:
+                    nbytes = storage.nbytes()
+                    self.seen[storage] = nbytes
+                    self.live += nbytes
+                    weakref.finalize(storage, self._free, nbytes)
+                    self.peak = max(self.peak, self.live)
+        return out
+
+
+def _bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+class Variant:
+    def __init__(self, name: str, args, device: torch.device):
+        method_name, options = variant_options(name, args.sparsity)
+        torch.manual_seed(0)
+        self.model = peft_dist.create_backbone(args.model, num_classes=100, **args.model_kwargs).to(device)
+        self.method = peft_dist.apply_method(self.model, method_name, **options)
+        self.opt = torch.optim.AdamW(self.method.param_groups(self.model, 0.01), lr=1e-4)
+        self.device = device
+        self.dtype = args.dtype
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            loss = F.cross_entropy(self.model(x).float(), y)
+        loss.backward()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.forward_backward(x, y)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def peak_bytes(self, x, y) -> int:
+        """Peak bytes of a training step with optimizer state. CPU: the first step is tracked (it doubles as the
+        warm-up); AdamW creates its state after the backward, so a later step peaks at max(forward/backward peak +
+        state, optimizer-phase peak), both measured here."""
+        if self.device.type == "cuda":
+            self.step(x, y)  # warm-up; the measured step has its optimizer state already
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.step(x, y)
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated(self.device)
+        known = list(self.model.parameters()) + list(self.model.buffers()) + [x, y]
+        with StoragePeak(known) as tracker:
+            self.forward_backward(x, y)
+            forward_backward_peak = tracker.peak
+            tracker.peak = tracker.live
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        state = _bytes(self.optimizer_state())
+        return _bytes(known) + max(forward_backward_peak + state, tracker.peak)
+
+    def optimizer_state(self) -> list[torch.Tensor]:
+        return [v for s in self.opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+
+    def timed_step(self, x, y) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        self.step(x, y)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny ViT, batch 4, 1 round: a smoke test")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 32 on GPU")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default fp32 CPU, bf16 GPU")
+    parser.add_argument("--reps", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: on a shared machine extra threads mostly measure hand-offs)")
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    batch = args.batch or (8 if device.type == "cpu" else 32)
+    precision = args.precision or ("fp32" if device.type == "cpu" else "bf16")
+    args.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    args.model, args.model_kwargs, img = "vit_base_patch16_224", {}, 224
+    if args.quick:
+        args.model_kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4)
+        batch, args.reps, img = 4, 1, 32
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, img, img, generator=g).to(device)
+    y = torch.randint(0, 100, (batch,), generator=g).to(device)
+    variants = {name: Variant(name, args, device) for name in MEMORY}
+    peaks = {}
+    for name, v in variants.items():
+        peaks[name] = v.peak_bytes(x, y)
+        print(f"{name:12s} peak {peaks[name] / 2**20:9.1f} MiB", flush=True)
+    rounds = []
+    for r in range(args.reps):
+        order = TIMED[r % len(TIMED):] + TIMED[:r % len(TIMED)]
+        times = {name: variants[name].timed_step(x, y) for name in order}
+        rounds.append(times)
+        print("round", r, {k: round(v, 3) for k, v in times.items()}, flush=True)
+
+    def ratio(a, b):
+        return statistics.median(t[a] / t[b] for t in rounds)
+
+    result = {
+        "snell_over_lora_step": ratio("snell32", "lora8"),
+        "fused_speedup_vs_reference": ratio("reference32", "snell32"),
+        "snell_over_lora_peak": peaks["snell8"] / peaks["lora8"],
+        "snell32_over_lora32_peak": peaks["snell32"] / peaks["lora32"],
+        "snell32_over_lora8_peak": peaks["snell32"] / peaks["lora8"],
+        "fused_over_reference_peak": peaks["snell32"] / peaks["reference32"],
+        "reference_over_lora_step": ratio("reference32", "lora8"),
+        "step_s_median": {k: statistics.median(t[k] for t in rounds) for k in TIMED},
+        "peak_bytes": peaks,
+        "config": {"model": args.model, "batch": batch, "precision": precision, "device": str(device),
+                   "threads": torch.get_num_threads() if device.type == "cpu" else None, "reps": args.reps,
+                   "sparsity": args.sparsity, "quick": args.quick},
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,536 @@
+"""SNELL/SNELLA's kernelized sparse delta as one autograd Function (spec snell_snella.md §2, §3, §7.2, §7.3 A/E).
+
+Layout. Everything here is in timm layout: ``ΔW[j, i]`` (output j, input i) equals the spec's ``𝒦[i, j]``, so the
+delta can be added to an ``nn.Linear`` weight row by row. A (``In_Qs``) has shape (H, d_in, q) and indexes inputs;
+B (``Out_Qs``) has shape (H, d_out, q) and indexes outputs; H = 2 and q = r / 2 (§2.1).
+
+Kernels (§2.1, §2.2):
+
+* ``piecewise``: ``K[j, i] = Σ_h c_h ‖B_h[j] − A_h[i]‖₂`` with the fixed coefficients ``c = (+0.1, −0.1)``;
+* ``mixk`` (SNELLA): ``K' = K + α·softmax(K / γ) + β`` with the softmax over the output index j, i.e. dim 0 here;
+* ``linear``: ``K = Σ_h B_h A_hᵀ``, the plain LoRA-r merge of the same factors (the paper's ablation baseline).
+
+Sparsification (§3.1), per matrix with sparsity s: ``Kˢ = K ⊙ sg(m)`` where sg is stop-gradient and
+
+* ``code`` (the official code): ``m = |K|·1[|K| > τ]``, τ the linear-interpolation quantile of |K| at s. The kept
+  set of ``|K| > quantile(|K|, s)`` is exactly ``|K| > v_(⌊s(n−1)⌋+1)`` (the k-th smallest, 1-based), so τ is taken
+  as that order statistic: no interpolation, no sort;
+* ``paper`` (SNELL Eq. 5): ``m = max(|K| − τ, 0)`` with τ the ⌈s·n⌉-th smallest |K| (0 when s = 0); the factor is
+  detached as in the code path (the paper gives no gradient convention, the code's is kept);
+* SNELL at s = 0 selects the plain kernel (no magnitude factor), SNELLA does not (``KernelConfig.plain_at_zero``).
+
+The Function (§7.3 A). Forward builds ``Kˢ`` in fp32 (or fp64 for fp64 inputs) even under bf16 autocast (§7.2),
+adds it to the frozen weight and runs **one** GEMM; it saves only the layer input X, the parameters and one scalar
+threshold per matrix, never a d_out×d_in tensor. Backward rebuilds the kernel row block by row block (at most
+``chunk_entries`` entries per transient buffer), accumulates ``G_X = G_Y·W`` block-wise, forms the dense weight
+gradient ``G_S = G_Yᵀ·X`` per block, and applies the closed form of §7.3 A.4 for A and B: with
+``R_h = c_h·G_K ⊘ D_h``, ``∂B_h = diag(R_h·1)·B_h − R_h·A_h`` and ``∂A_h = diag(R_hᵀ·1)·A_h − R_hᵀ·B_h`` (no
+autograd graph through ``cdist``). Distances are ε-guarded: ``D = sqrt(max(d², ε))`` (§7.2).
+
+The threshold is selected once per forward by :func:`kth_smallest_magnitude` (exact: a sample brackets the k-th
+value, only entries inside the bracket are selected) and reused in backward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+KERNEL_COEFFS = (0.1, -0.1)
+"""c_h of the piecewise kernel, fixed (official ``SCALE_FACTOR_fc`` = 0.1 with sign (−1)^h; spec §2.1)."""
+DISTANCE_EPS = 1e-12
+"""ε of the guarded distance sqrt(max(d², ε)) (spec §7.2)."""
+KERNEL_KINDS = ("piecewise", "mixk", "linear")
+THRESHOLDS = ("code", "paper", "none")
+
+_SAMPLE_SIZE = 8192
+"""Entries sampled to bracket the k-th magnitude; the selection is exact whatever the sample (it only sets speed)."""
+_BRACKET_SIGMAS = 6.0
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """How every matrix of one adapted Linear is built (static: changing it never needs a new graph)."""
+
+    kind: str = "piecewise"
+    threshold: str = "code"
+    """``code``, ``paper`` or ``none`` (dense: SNELLA's ``tuning_model=mixk``, §2.2)."""
+    plain_at_zero: bool = True
+    """s = 0 gives the plain kernel (SNELL's ``KLoRA`` switch, §3.1); SNELLA keeps the magnitude path."""
+    chunk_entries: int = 1 << 20
+    """Upper bound on the entries of each transient row-block buffer (memory bound of §7.3 A)."""
+
+    def __post_init__(self):
+        if self.kind not in KERNEL_KINDS:
+            raise ValueError(f"kernel kind {self.kind!r}; allowed: {', '.join(KERNEL_KINDS)}")
+        if self.threshold not in THRESHOLDS:
+            raise ValueError(f"threshold {self.threshold!r}; allowed: {', '.join(THRESHOLDS)}")
+        if self.chunk_entries < 1:
+            raise ValueError(f"chunk_entries must be >= 1, got {self.chunk_entries}")
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """One kernelized matrix: rows ``start:stop`` of the Linear's weight, at sparsity ``sparsity``."""
+
+    start: int
+    stop: int
+    sparsity: float
+
+
+def factor_count(kind: str) -> int:
+    """Tensors per matrix passed to the Function: A, B (+ α, γ, β for MixK)."""
+    return 5 if kind == "mixk" else 2
+
+
+# ============================================================================================== threshold selection
+def threshold_rank(numel: int, sparsity: float, threshold: str, plain_at_zero: bool) -> int | None:
+    """1-based rank k of τ among the ascending magnitudes; 0 means τ = 0; None means the plain (dense) kernel.
+
+    ``code``: k = ⌊s·(n − 1)⌋ + 1, the order statistic whose strict-greater set equals that of the linear
+    interpolation quantile (spec §3.1, §7.2). ``paper``: k = ⌈s·n⌉ (Eq. 5's Δw_s)."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
+    if threshold == "none" or (plain_at_zero and sparsity == 0.0):
+        return None
+    if threshold == "code":
+        return min(numel, math.floor(sparsity * (numel - 1)) + 1)
+    return min(numel, math.ceil(sparsity * numel))
+
+
+_sample_cache: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _sample_positions(numel: int, device: torch.device) -> torch.Tensor:
+    """Fixed pseudo-random positions per matrix size: a private generator, so the global RNG (dropout, drop-path)
+    is untouched and every rank samples the same entries."""
+    key = (numel, str(device))
+    if key not in _sample_cache:
+        gen = torch.Generator().manual_seed(numel)
+        _sample_cache[key] = torch.randint(0, numel, (_SAMPLE_SIZE,), generator=gen).to(device)
+    return _sample_cache[key]
+
+
+def kth_smallest_magnitude(values: torch.Tensor, k: int, chunk_entries: int = 1 << 20,
+                           scratch: torch.Tensor | None = None) -> float:
+    """The exact k-th smallest |value| (1-based) of a contiguous tensor, without sorting or copying all of it.
+
+    A fixed sample of magnitudes brackets the k-th value (±6σ of the sample quantile); one pass over row chunks
+    counts the entries below the bracket and gathers those inside, and ``kthvalue`` runs on the gathered few. If
+    the bracket misses (probability ~1e-9), a full ``kthvalue`` gives the same exact answer."""
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must lie in [1, {n}], got {k}")
+    if k == 1:
+        return float(flat.abs().min())
+    if k == n:
+        return float(flat.abs().max())
+    if n <= 8 * _SAMPLE_SIZE:
+        return float(flat.abs().kthvalue(k).values)
+    sample = flat[_sample_positions(n, flat.device)].abs()
+    m = sample.numel()
+    p = k / n
+    centre, half = p * m, _BRACKET_SIGMAS * math.sqrt(m * p * (1 - p)) + 2
+    lo_pos, hi_pos = math.floor(centre - half), math.ceil(centre + half)  # 0-based positions in the sample
+    lo = float(sample.kthvalue(lo_pos + 1).values) if lo_pos >= 0 else -1.0
+    hi = float(sample.kthvalue(hi_pos + 1).values) if hi_pos < m else math.inf
+    below = 0
+    inside = []
+    buffer = scratch.reshape(-1) if scratch is not None else None
+    step = buffer.numel() if buffer is not None else max(1, chunk_entries)
+    for start in range(0, n, step):
+        chunk = flat[start:start + step]
+        mag = chunk.abs() if buffer is None else torch.abs(chunk, out=buffer[:chunk.numel()])
+        at_least_lo = mag >= lo
+        below += chunk.numel() - int(torch.count_nonzero(at_least_lo))
+        inside.append(mag[at_least_lo.logical_and_(mag <= hi)])
+    gathered = torch.cat(inside)
+    if below < k <= below + gathered.numel():
+        return float(gathered.kthvalue(k - below).values)
+    return float(flat.abs().kthvalue(k).values)
+
+
+# ============================================================================================== kernel building
+class _Factors:
+    """One matrix's factors prepared for row-block kernel builds: the piecewise distances come from a single GEMM
+    on augmented factors, ``[b', |b'|², 1]·[−2a', 1, |a'|²]ᵀ = ‖b' − a'‖²``, with a' = |c_h|·a and b' = |c_h|·b, so
+    ``sqrt`` directly gives the scaled distance D'_h = |c_h|·D_h and no separate scaling pass is needed."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], kind: str, dtype: torch.dtype):
+        self.kind = kind
+        A, B = (t.detach().to(dtype) for t in tensors[:2])
+        self.A, self.B = A, B
+        self.heads, self.d_in, self.q = A.shape
+        self.d_out = B.shape[1]
+        if kind == "mixk":
+            self.alpha, self.gamma, self.beta = (t.detach().to(dtype) for t in tensors[2:5])
+        if kind == "linear":
+            self.A_flat = A.permute(1, 0, 2).reshape(self.d_in, self.heads * self.q)
+            self.B_flat = B.permute(1, 0, 2).reshape(self.d_out, self.heads * self.q)
+            return
+        if self.heads != len(KERNEL_COEFFS):
+            raise ValueError(f"piecewise kernel needs {len(KERNEL_COEFFS)} pieces, factors have {self.heads}")
+        self.signs = [1.0 if c > 0 else -1.0 for c in KERNEL_COEFFS]
+        self.sq_coeffs = [c * c for c in KERNEL_COEFFS]
+        self.in_aug, self.out_aug, self.eps2 = [], [], []
+        ones_in, ones_out = A.new_ones(self.d_in, 1), B.new_ones(self.d_out, 1)
+        for h, c in enumerate(KERNEL_COEFFS):
+            a, b = A[h] * abs(c), B[h] * abs(c)
+            self.in_aug.append(torch.cat([a * -2.0, ones_in, (a * a).sum(1, keepdim=True)], 1))
+            self.out_aug.append(torch.cat([b, (b * b).sum(1, keepdim=True), ones_out], 1))
+            self.eps2.append(c * c * DISTANCE_EPS)
+        # [A_h, 1] and [B_h, 1]: the backward GEMMs R·[A, 1] and Rᵀ·[B, 1] yield the row/column sums of R too
+        self.in_ones = [torch.cat([A[h], ones_in], 1) for h in range(self.heads)]
+        self.out_ones = [torch.cat([B[h], ones_out], 1) for h in range(self.heads)]
+
+    def distance_rows(self, h: int, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        """D'_h[r0:r1] = |c_h|·sqrt(max(‖B_h[j] − A_h[i]‖², ε)) into ``out``."""
+        torch.mm(self.out_aug[h][r0:r1], self.in_aug[h].t(), out=out)
+        return out.clamp_min_(self.eps2[h]).sqrt_()
+
+    def kernel_rows(self, r0: int, r1: int, out: torch.Tensor, scratch: torch.Tensor,
+                    distances: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The plain kernel's rows r0:r1 into ``out``; the per-piece distances go to ``distances`` if given
+        (backward needs them), otherwise ``scratch`` is used."""
+        if self.kind == "linear":
+            return torch.mm(self.B_flat[r0:r1], self.A_flat.t(), out=out)
+        if distances is None:
+            d0 = self.distance_rows(0, r0, r1, out)
+            d1 = self.distance_rows(1, r0, r1, scratch)
+            d0.add_(d1, alpha=self.signs[1] * self.signs[0])
+            return d0 if self.signs[0] > 0 else d0.neg_()
+        d0 = self.distance_rows(0, r0, r1, distances[0])
+        d1 = self.distance_rows(1, r0, r1, distances[1])
+        torch.add(d0, d1, alpha=self.signs[1] * self.signs[0], out=out)
+        return out if self.signs[0] > 0 else out.neg_()
+
+    def mixk_softmax(self, K: torch.Tensor) -> torch.Tensor:
+        """softmax over the output index (dim 0 in timm layout; spec §2.2)."""
+        return torch.softmax(K / self.gamma, dim=0)
+
+
+def _rows_per_block(kind: str, rows: int, d_in: int, chunk_entries: int) -> int:
+    """MixK's softmax normalises over all output rows, so its matrix is one block; the others are chunked."""
+    if kind == "mixk":
+        return rows
+    return max(1, min(rows, chunk_entries // max(1, d_in)))
+
+
+def _blocks(rows: int, per_block: int):
+    for r0 in range(0, rows, per_block):
+        yield r0, min(rows, r0 + per_block)
+
+
+def _magnitude_factor(K: torch.Tensor, tau: float, threshold: str, out: torch.Tensor) -> torch.Tensor:
+    """The detached factor m of §3.1 into ``out``: |K|·1[|K| > τ] (code) or max(|K| − τ, 0) (paper)."""
+    torch.abs(K, out=out)
+    if threshold == "code":
+        return F.threshold_(out, tau, 0.0)  # keeps strictly greater values, as the official F.threshold
+    return out.sub_(tau).clamp_min_(0.0)
+
+
+def _build_sparse_kernel(fac: _Factors, out: torch.Tensor, sparsity: float, cfg: KernelConfig,
+                         scratch: torch.Tensor, base: torch.Tensor | None = None) -> float | None:
+    """Write Kˢ (the sparsified, possibly MixK kernel) of one matrix into ``out`` (d_out × d_in), plus ``base`` (the
+    frozen weight rows) if given; return τ (None: plain kernel). Row blocks bound the transient ``scratch`` and keep
+    each block cache-resident between its passes."""
+    rows = out.shape[0]
+    per_block = _rows_per_block(fac.kind, rows, fac.d_in, cfg.chunk_entries)
+    for r0, r1 in _blocks(rows, per_block):
+        fac.kernel_rows(r0, r1, out[r0:r1], scratch[:r1 - r0])
+    if fac.kind == "mixk":
+        out.addcmul_(fac.mixk_softmax(out), fac.alpha).add_(fac.beta)
+    rank = threshold_rank(out.numel(), sparsity, cfg.threshold, cfg.plain_at_zero)
+    tau = None
+    if rank is not None:
+        tau = 0.0 if rank == 0 else kth_smallest_magnitude(out, rank, cfg.chunk_entries, scratch)
+    if tau is None and base is None:
+        return None
+    for r0, r1 in _blocks(rows, per_block):
+        block = out[r0:r1]
+        if tau is not None:
+            block.mul_(_magnitude_factor(block, tau, cfg.threshold, scratch[:r1 - r0]))
+        if base is not None:
+            block.add_(base[r0:r1])
+    return tau
+
+
+def _kernel_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 factors, fp64 for fp64 (gradcheck): the kernel is never built in half precision."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _split_factors(factors: Sequence[torch.Tensor], kind: str, count: int) -> list[Sequence[torch.Tensor]]:
+    per = factor_count(kind)
+    if len(factors) != per * count:
+        raise ValueError(f"expected {per} factor tensors per matrix for kernel {kind!r}, got {len(factors)} "
+                         f"for {count} matrices")
+    return [factors[i * per:(i + 1) * per] for i in range(count)]
+
+
+def _uncovered_rows(slices: Sequence[SliceSpec], d_out: int) -> list[tuple[int, int]]:
+    gaps, pos = [], 0
+    for s in sorted(slices, key=lambda s: s.start):
+        if s.start > pos:
+            gaps.append((pos, s.start))
+        pos = max(pos, s.stop)
+    if pos < d_out:
+        gaps.append((pos, d_out))
+    return gaps
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+# ============================================================================================== the Function
+class KernelizedLinearFunction(torch.autograd.Function):
+    """``y = x·(W0 + ΔW)ᵀ + b`` (``merged`` mode) or ``y = x·ΔWᵀ`` (``weight=None``: the faithful parallel delta),
+    ΔW holding one kernelized sparse matrix per slice of rows. See the module docstring for the math."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_features, slices, cfg, compute_dtype, *factors):
+        groups = _split_factors(factors, cfg.kind, len(slices))
+        kdtype = _kernel_dtype(factors[0])
+        d_in = x.shape[-1]
+        covered = sum(s.stop - s.start for s in slices) == out_features
+        W = x.new_empty((out_features, d_in), dtype=kdtype) if covered else \
+            x.new_zeros((out_features, d_in), dtype=kdtype)
+        biggest = max((s.stop - s.start for s in slices), default=0)
+        scratch = x.new_empty((_scratch_rows(cfg, biggest, d_in), d_in), dtype=kdtype)
+        taus = []
+        for spec, tensors in zip(slices, groups):
+            fac = _Factors(tensors, cfg.kind, kdtype)
+            base = None if weight is None else weight[spec.start:spec.stop]
+            taus.append(_build_sparse_kernel(fac, W[spec.start:spec.stop], spec.sparsity, cfg, scratch, base))
+        del scratch
+        if weight is not None:
+            for r0, r1 in _uncovered_rows(slices, out_features):
+                W[r0:r1].copy_(weight[r0:r1])
+        x_c = x.to(compute_dtype)
+        y = F.linear(x_c, W.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
+        ctx.save_for_backward(x_c, weight, *factors)
+        ctx.meta = (slices, cfg, tuple(taus), out_features, compute_dtype,
+                    None if bias is None else (bias.dtype, bias.shape))
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, *factors = ctx.saved_tensors
+        slices, cfg, taus, d_out, compute_dtype, bias_meta = ctx.meta
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_f = ctx.needs_input_grad[7:]
+        with torch.autocast(x.device.type, enabled=False):
+            grads = _backward(x, weight, factors, grad_y.to(compute_dtype), slices, cfg, taus, d_out,
+                              need_x, need_w, need_f)
+        gx, gw, gfactors = grads
+        gb = None
+        if need_b:
+            gb = grad_y.reshape(-1, d_out).sum(0).to(bias_meta[0])
+        return (gx, gw, gb, None, None, None, None, *gfactors)
+
+
+def _scratch_rows(cfg: KernelConfig, biggest_rows: int, d_in: int) -> int:
+    return _rows_per_block(cfg.kind, biggest_rows, d_in, cfg.chunk_entries) if biggest_rows else 1
+
+
+def _backward(x, weight, factors, grad_y, slices, cfg, taus, d_out, need_x, need_w, need_f):
+    kdtype = _kernel_dtype(factors[0])
+    d_in = x.shape[-1]
+    X = x.reshape(-1, d_in)
+    G = grad_y.reshape(-1, d_out)
+    low_precision = X.dtype not in (torch.float32, torch.float64)
+    # fp32/fp64: G_X accumulates block by block; reduced precision: the merged weight is assembled in the GEMM
+    # dtype and G_X is one GEMM, so no partial sum is rounded to bf16 between blocks.
+    gx = None
+    W_lp = None
+    if need_x:
+        if low_precision:
+            W_lp = weight.to(X.dtype, copy=True) if weight is not None else X.new_zeros(d_out, d_in)
+        else:
+            gx = _InputGrad()
+            if weight is not None:
+                for r0, r1 in _uncovered_rows(slices, d_out):
+                    gx.add(G[:, r0:r1], weight[r0:r1].to(X.dtype))
+    gw = (G.t().to(kdtype) @ X.to(kdtype)).to(weight.dtype) if need_w else None
+    groups = _split_factors(factors, cfg.kind, len(slices))
+    gfactors: list[torch.Tensor | None] = [None] * len(factors)
+    per = factor_count(cfg.kind)
+    for index, (spec, tensors, tau) in enumerate(zip(slices, groups, taus)):
+        wants = need_f[index * per:(index + 1) * per]
+        fac = _Factors(tensors, cfg.kind, kdtype)
+        W0 = None if weight is None else weight[spec.start:spec.stop]
+        out = _slice_backward(fac, spec, tau, cfg, G[:, spec.start:spec.stop], X, W0, gx, W_lp, any(wants))
+        for j, (g, want) in enumerate(zip(out, wants)):
+            if want:
+                gfactors[index * per + j] = g.to(tensors[j].dtype).reshape(tensors[j].shape)
+    if need_x:
+        gx = (G @ W_lp if low_precision else gx.value).reshape(x.shape)
+    return gx, gw, gfactors
+
+
+class _InputGrad:
+    """G_X = Σ_blocks G[:, J]·W[J]: the first block writes a fresh tensor (no zero-filled T×d_in buffer), the
+    others accumulate into it."""
+
+    def __init__(self):
+        self.value: torch.Tensor | None = None
+
+    def add(self, g: torch.Tensor, w: torch.Tensor) -> None:
+        if self.value is None:
+            self.value = g @ w
+        else:
+            self.value.addmm_(g, w)
+
+
+def _slice_backward(fac: _Factors, spec: SliceSpec, tau, cfg: KernelConfig, G, X, W0, gx, W_lp, want_factors):
+    """Gradients of one matrix, row block by row block: adds ``G·W_slice`` into ``gx`` (or writes ``W_slice`` into
+    ``W_lp``) and returns the factor gradients [∂A, ∂B (, ∂α, ∂γ, ∂β)] (spec §7.3 A.4). Four block buffers: the
+    kernel (reused for W and then G_S), the magnitude factor (reused for R) and the two distances."""
+    rows, d_in = spec.stop - spec.start, fac.d_in
+    per_block = _rows_per_block(fac.kind, rows, d_in, cfg.chunk_entries)
+    kdtype = fac.A.dtype
+    sparse = tau is not None
+    K_buf = X.new_empty((per_block, d_in), dtype=kdtype)
+    M_buf = X.new_empty((per_block, d_in), dtype=kdtype)
+    D_buf = [X.new_empty((per_block, d_in), dtype=kdtype) for _ in range(fac.heads)] if fac.kind != "linear" else []
+    gA, gB = torch.zeros_like(fac.A), torch.zeros_like(fac.B)
+    g_mix = None
+    for r0, r1 in _blocks(rows, per_block):
+        n = r1 - r0
+        K, M = K_buf[:n], M_buf[:n]
+        D = [d[:n] for d in D_buf]
+        fac.kernel_rows(r0, r1, K, M, D or None)
+        P = None
+        if fac.kind == "mixk":
+            P = fac.mixk_softmax(K)
+            K_eff = torch.addcmul(K, P, fac.alpha).add_(fac.beta)  # K' in its own tensor: K stays for ∂γ
+        else:
+            K_eff = K  # from here on only D and m are needed, so K's buffer is reused for W and then G_S
+        if sparse:
+            _magnitude_factor(K_eff, tau, cfg.threshold, M)
+            K_eff.mul_(M)
+        if gx is not None or W_lp is not None:
+            W_block = K_eff if W0 is None else K_eff.add_(W0[r0:r1])
+            if gx is not None:
+                gx.add(G[:, r0:r1], W_block if W_block.dtype == G.dtype else W_block.to(G.dtype))
+            else:
+                W_lp[spec.start + r0:spec.start + r1].copy_(W_block)
+        if not want_factors:
+            continue
+        # G_S = G_Yᵀ·X on rows r0:r1: the dense weight gradient (the floor of the method's cost)
+        if G.dtype == kdtype:
+            GK = torch.mm(G[:, r0:r1].t(), X, out=K_eff)
+        else:
+            GK = (G[:, r0:r1].t() @ X).to(kdtype)
+        if sparse:
+            GK.mul_(M)  # G_K' = G_S ⊙ m: zero on pruned entries, g·|w| on survivors (code threshold)
+        if fac.kind == "mixk":
+            GK, g_mix = _mixk_backward(fac, K, P, GK, g_mix)
+        if fac.kind == "linear":
+            gB[:, r0:r1] = (GK @ fac.A_flat).reshape(n, fac.heads, fac.q).permute(1, 0, 2)
+            gA += (GK.t() @ fac.B_flat[r0:r1]).reshape(d_in, fac.heads, fac.q).permute(1, 0, 2)
+            continue
+        for h in range(fac.heads):
+            R = torch.div(GK, D[h], out=M)  # R_h (up to c_h²·sign, applied on the small results)
+            scale = fac.signs[h] * fac.sq_coeffs[h]
+            rA = R @ fac.in_ones[h]
+            rB = R.t() @ fac.out_ones[h][r0:r1]
+            gB[h, r0:r1] = (rA[:, -1:] * fac.B[h, r0:r1] - rA[:, :-1]) * scale
+            gA[h] += (rB[:, -1:] * fac.A[h] - rB[:, :-1]) * scale
+    if fac.kind == "mixk":
+        return [gA, gB, *g_mix]
+    return [gA, gB]
+
+
+def _mixk_backward(fac: _Factors, K, P, GKp, acc):
+    """Chain G_K' through K' = K + α·softmax_j(K/γ) + β (one block holds the whole matrix)."""
+    g_beta = GKp.sum()
+    g_alpha = (GKp * P).sum()
+    col = (P * GKp).sum(0, keepdim=True)  # softmax over dim 0: per input column i
+    g_u = (GKp - col).mul_(P).mul_(fac.alpha)
+    g_gamma = -(g_u * K).sum() / (fac.gamma * fac.gamma)
+    GK = GKp.add_(g_u / fac.gamma)
+    mix = [g_alpha, g_gamma, g_beta]
+    if acc is not None:
+        mix = [a + b for a, b in zip(acc, mix)]
+    return GK, mix
+
+
+def kernelized_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      slices: Sequence[SliceSpec], factors: Sequence[torch.Tensor], cfg: KernelConfig,
+                      out_features: int | None = None) -> torch.Tensor:
+    """Apply the fused Function. ``weight``/``bias`` are the frozen Linear's (``weight=None``: the delta only, with
+    ``out_features`` rows). ``factors`` is flat: per slice A, B (+ α, γ, β for MixK). Under autocast the GEMM runs
+    in the autocast dtype and the kernel in fp32; the Function itself runs with autocast off."""
+    if out_features is None:
+        if weight is None:
+            raise ValueError("out_features is required when weight is None")
+        out_features = weight.shape[0]
+    compute_dtype = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return KernelizedLinearFunction.apply(x, weight, bias, out_features, tuple(slices), cfg, compute_dtype,
+                                              *factors)
+
+
+@torch.no_grad()
+def kernelized_delta_weight(slices: Sequence[SliceSpec], factors: Sequence[torch.Tensor], cfg: KernelConfig,
+                            out_features: int, in_features: int) -> torch.Tensor:
+    """ΔW (out_features × in_features, fp32/fp64) exactly as the forward builds it: the merge of §7.3 E."""
+    groups = _split_factors(factors, cfg.kind, len(slices))
+    kdtype = _kernel_dtype(factors[0])
+    W = factors[0].new_zeros((out_features, in_features), dtype=kdtype)
+    biggest = max((s.stop - s.start for s in slices), default=0)
+    scratch = factors[0].new_empty((_scratch_rows(cfg, biggest, in_features), in_features), dtype=kdtype)
+    for spec, tensors in zip(slices, groups):
+        _build_sparse_kernel(_Factors(tensors, cfg.kind, kdtype), W[spec.start:spec.stop], spec.sparsity, cfg,
+                             scratch)
+    return W
+
+
+# ============================================================================================== references
+def reference_kernel(A: torch.Tensor, B: torch.Tensor, kind: str = "piecewise", alpha=None, gamma=None, beta=None,
+                     official_layout: bool = False) -> torch.Tensor:
+    """The kernel as the official code writes it, differentiable by autograd: ``Σ_h c_h·cdist(A_h, B_h)`` in the
+    official d_in × d_out layout, MixK's softmax over dim 1 (outputs) there. Returned in timm layout (d_out × d_in)
+    unless ``official_layout``."""
+    if kind == "linear":
+        K = torch.einsum("hiq,hjq->ij", A, B)
+    else:
+        K = sum(c * torch.cdist(A[h], B[h]) for h, c in enumerate(KERNEL_COEFFS))
+        if kind == "mixk":
+            K = K + alpha * torch.softmax(K / gamma, dim=1) + beta
+    return K if official_layout else K.t()
+
+
+def reference_delta_weight(A: torch.Tensor, B: torch.Tensor, sparsity: float, kind: str = "piecewise",
+                           threshold: str = "code", plain_at_zero: bool = True, alpha=None, gamma=None,
+                           beta=None) -> torch.Tensor:
+    """ΔW (timm layout) through the official expression (spec §3.1): detached ``torch.quantile`` with linear
+    interpolation, ``F.threshold`` (strict >), multiplied by the detached magnitude. Autograd through ``cdist``
+    and the kernel; the test and benchmark reference for the fused Function."""
+    K = reference_kernel(A, B, kind, alpha, gamma, beta, official_layout=True)
+    rank = threshold_rank(K.numel(), sparsity, threshold, plain_at_zero)
+    if rank is None:
+        return K.t()
+    mag = K.detach().abs()
+    if threshold == "code":
+        flat = mag.flatten()
+        if flat.numel() <= 1 << 24:  # torch.quantile's limit; kthvalue at rank k has the same kept set (§7.2)
+            tau = torch.quantile(flat, sparsity)
+        else:
+            tau = flat.kthvalue(rank).values
+        factor = F.threshold(mag, float(tau), 0.0)
+    else:
+        tau = 0.0 if rank == 0 else float(mag.flatten().kthvalue(rank).values)
+        factor = (mag - tau).clamp_min(0.0)
+    return (K * factor).t()
