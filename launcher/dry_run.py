@@ -49,11 +49,13 @@ def dry_run(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         cfg.model.checkpoint = checkpoint
         counts = count_trainable(model)
         engine, d = cfg.dist.engine, cfg.dist
-        if engine == "fsdp2":
-            from peft_dist.dist.fsdp2 import apply_activation_checkpointing, apply_fsdp2, cast_frozen
+        if d.activation_checkpointing:
+            from peft_dist.dist.engine import apply_activation_checkpointing
 
-            if d.activation_checkpointing:
-                apply_activation_checkpointing(model)
+            apply_activation_checkpointing(model)
+        if engine == "fsdp2":
+            from peft_dist.dist.fsdp2 import apply_fsdp2, cast_frozen
+
             if d.frozen_dtype == "bf16":
                 cast_frozen(model, torch.bfloat16)
             apply_fsdp2(model, torch.device("cpu"), d.shard_backbone, d.reshard_after_forward, mixed_precision=False)

@@ -131,7 +131,8 @@ def test_modelled_engines_ddp_and_deepspeed():
                      eval_batch_size=0)
     assert zero2.grads_bytes < single.grads_bytes  # partitioned
     staging = zero2.peak_breakdown_bytes["ZeRO gradient staging buffer (reduce_bucket_size, modelled)"]
-    assert staging == 500_000_000 * 4  # DeepSpeed's default reduce_bucket_size of fp32 elements
+    # the engine sizes ZeRO's bucket to the trainable elements (at least 2**20) instead of DeepSpeed's 5e8 default
+    assert staging == max(2**20, single.params_trainable_bytes // 4) * 4
     assert zero2.peak_allocated_bytes >= staging
     assert any("modelled (not traced)" in n for n in zero2.notes)
 
@@ -174,8 +175,7 @@ def test_plan_mirrors_the_engines_precision_rules():
     assert not cpu.fsdp_mixed_precision
     single = resolve_plan(tiny_config("method.name=lora", "train.precision=auto", "dist.activation_checkpointing=true"),
                           1, "cuda")
-    assert single.autocast_dtype == torch.bfloat16 and not single.activation_checkpointing
-    assert any("not applied by the single engine" in n for n in single.notes)
+    assert single.autocast_dtype == torch.bfloat16 and single.activation_checkpointing  # every engine applies it
 
 
 def test_memory_command_writes_a_report_and_compares(tmp_path, capsys):
@@ -217,3 +217,18 @@ def test_warm_up_state_equals_tracing_a_second_step(method):
     one = trace_step(cfg, plan, steps=1, eval_batch_size=0)
     two = trace_step(cfg, plan, steps=2, eval_batch_size=0)
     assert one.phases == two.phases and one.state == two.state
+
+
+def test_deepspeed_buckets_follow_the_trainable_size_unless_the_user_sets_them(tmp_path):
+    from peft_dist.dist.deepspeed_engine import deepspeed_config
+
+    cfg = tiny_config("method.name=lora", "dist.engine=deepspeed", "dist.zero_stage=2")
+    zero = deepspeed_config(cfg, 2, cuda=False, trainable_elements=3_000_000)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 3_000_000
+    assert deepspeed_config(cfg, 2, False, 10)["zero_optimization"]["reduce_bucket_size"] == 2**20
+    user = tmp_path / "ds.json"
+    user.write_text('{"zero_optimization": {"reduce_bucket_size": 123456789}}')
+    cfg = tiny_config("method.name=lora", "dist.engine=deepspeed", "dist.zero_stage=2",
+                      f"dist.deepspeed_config={user}")
+    zero = deepspeed_config(cfg, 2, False, 3_000_000)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 123456789 and zero["stage"] == 2

@@ -27,13 +27,21 @@ from peft_dist.methods.base import Method
 _TAG = "deepspeed"
 
 
-def deepspeed_config(cfg, world_size: int, cuda: bool) -> dict[str, Any]:
-    """The generated DeepSpeed config; ``dist.deepspeed_config`` (a JSON file) is merged over it."""
+def deepspeed_config(cfg, world_size: int, cuda: bool, trainable_elements: int | None = None) -> dict[str, Any]:
+    """The generated DeepSpeed config; ``dist.deepspeed_config`` (a JSON file) is merged over it.
+
+    ZeRO's default communication buckets hold 5e8 elements (2 GB in fp32), allocated whatever the trainable size; with
+    only adapters trainable, buckets sized to the trainable elements do the same work in one bucket at a tiny cost.
+    """
+    zero: dict[str, Any] = {"stage": cfg.dist.zero_stage}
+    if trainable_elements:
+        bucket = int(min(5e8, max(2**20, trainable_elements)))
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world_size,
-        "zero_optimization": {"stage": cfg.dist.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # a torch AdamW over the trainable parameters only
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": bool(cuda and cfg.train.precision != "fp32")},
@@ -65,6 +73,20 @@ def _ensure_process_group() -> None:
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
+def register_adapter_parameters(model: nn.Module) -> None:
+    """ZeRO-3 gathers a module's parameters in that module's own pre-forward hook. A method's module that reads a
+    wrapped layer's weight directly (SNELL's fused kernel reads ``base.weight`` without calling ``base``) would see
+    the empty partition, so every parameter under an adapted module is registered as used by it."""
+    import deepspeed
+
+    from peft_dist.methods.base import AdaptedModule
+
+    for module in model.modules():
+        if isinstance(module, AdaptedModule):
+            for p in module.parameters():
+                deepspeed.zero.register_external_parameter(module, p)
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -80,11 +102,14 @@ class DeepSpeedEngine(Engine):
         self.zero_stage = cfg.dist.zero_stage
         self.forward_needs_all_ranks = self.zero_stage == 3
         self.autocast_dtype = None  # DeepSpeed's bf16 mode casts the model itself
-        ds_cfg = deepspeed_config(cfg, env.world_size, device.type == "cuda")
+        trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+        ds_cfg = deepspeed_config(cfg, env.world_size, device.type == "cuda", trainable)
         self.bf16 = ds_cfg["bf16"]["enabled"]
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_cfg,
             dist_init_required=False)
+        if self.zero_stage == 3:
+            register_adapter_parameters(self.module)
         self.reads_gradients = type(method).on_step_end is not Method.on_step_end
 
     def trainable(self) -> list[nn.Parameter]:

@@ -29,6 +29,8 @@ class Engine:
         self.cfg = cfg
         self.env = env
         self.device = device
+        if cfg.dist.activation_checkpointing:
+            apply_activation_checkpointing(self.module)  # before wrapping, so every engine recomputes the same way
         self.model = self.wrap(self.module)
         self.optimizer = self.build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps, warmup_steps)
@@ -115,6 +117,16 @@ class Engine:
         with torch.no_grad():
             for k, v in sd.items():
                 params[k].copy_(v.to(params[k].device, params[k].dtype))
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Per-block non-reentrant recomputation through timm's own hook (module names stay unchanged)."""
+    from timm.layers import set_reentrant_ckpt
+
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise ValueError(f"dist.activation_checkpointing=true: {type(model).__name__} has no set_grad_checkpointing")
+    set_reentrant_ckpt(False)
+    model.set_grad_checkpointing(True)
 
 
 # ---------------------------------------------------------------------- optimizer and schedule

@@ -24,14 +24,6 @@ def _mesh(device: torch.device, shard: bool):
     return init_device_mesh(device.type, (world, 1), mesh_dim_names=("replicate", "shard"))
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Per-block non-reentrant recomputation through timm's own hook (module names stay unchanged)."""
-    from timm.layers import set_reentrant_ckpt
-
-    set_reentrant_ckpt(False)
-    model.set_grad_checkpointing(True)
-
-
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
     """Store frozen weights in ``dtype``; trainable parameters (adapters, head) stay fp32."""
     for p in model.parameters():
@@ -61,8 +53,6 @@ class FSDP2Engine(Engine):
         if not dist.is_initialized():
             raise RuntimeError("dist.engine=fsdp2 needs a process group: start with `peft-dist launch --nproc N`")
         d = self.cfg.dist
-        if d.activation_checkpointing:
-            apply_activation_checkpointing(model)
         mixed = self.device.type == "cuda" and self.cfg.train.precision != "fp32"
         if d.frozen_dtype == "bf16":
             if not mixed:

@@ -113,14 +113,11 @@ def resolve_plan(cfg: RunConfig, world_size: int, target: str = "cuda") -> Engin
                 raise ConfigError("dist.frozen_dtype=bf16 needs bf16 compute (a CUDA target and train.precision "
                                   "auto or bf16); on CPU keep dist.frozen_dtype=fp32")
             plan.frozen_bf16 = True
-        plan.activation_checkpointing = d.activation_checkpointing
     elif engine == "deepspeed":
         plan.model_bf16 = target == "cuda" and precision != "fp32"
     else:
         plan.autocast_dtype = torch.bfloat16 if bf16 else None
-    if d.activation_checkpointing and not plan.activation_checkpointing:
-        plan.notes.append(f"dist.activation_checkpointing is not applied by the {engine} engine, so it is not "
-                          "applied here either")
+    plan.activation_checkpointing = d.activation_checkpointing  # every engine applies it (Engine.__init__)
     return plan
 
 
@@ -204,11 +201,13 @@ def input_shape(model: nn.Module, cfg: RunConfig) -> tuple[int, int, int]:
 
 def apply_engine(model: nn.Module, plan: EnginePlan) -> None:
     """The engine's own sharding functions, in the engine's order (freeze → AC → cast → shard)."""
-    if plan.engine == "fsdp2":
-        from peft_dist.dist.fsdp2 import apply_activation_checkpointing, apply_fsdp2, cast_frozen
+    if plan.activation_checkpointing:
+        from peft_dist.dist.engine import apply_activation_checkpointing
 
-        if plan.activation_checkpointing:
-            apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model)
+    if plan.engine == "fsdp2":
+        from peft_dist.dist.fsdp2 import apply_fsdp2, cast_frozen
+
         if plan.frozen_bf16:
             cast_frozen(model, torch.bfloat16)
         apply_fsdp2(model, torch.device("cpu"), plan.shard_backbone, plan.reshard_after_forward,
@@ -599,15 +598,15 @@ def _model_deepspeed(r: MemoryReport, cfg: RunConfig, plan: EnginePlan) -> None:
     ``reduce_bucket_size``-element gradient staging buffer(s) that live through backward and step."""
     from peft_dist.dist.deepspeed_engine import deepspeed_config
 
-    ds = deepspeed_config(cfg, plan.world_size, plan.target == "cuda")
+    elem = 2 if plan.model_bf16 else 4
+    trainable_elems = r.params_trainable_bytes // elem
+    ds = deepspeed_config(cfg, plan.world_size, plan.target == "cuda", trainable_elems)  # the engine's own config
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", cfg.dist.zero_stage))
     world = plan.world_size
     defaults = _deepspeed_zero_defaults()
     bucket = int(float(zero.get("reduce_bucket_size", defaults["reduce_bucket_size"])))
     overlap = bool(zero.get("overlap_comm", defaults["overlap_comm_stage3" if stage == 3 else "overlap_comm"]))
-    elem = 2 if plan.model_bf16 else 4
-    trainable_elems = r.params_trainable_bytes // elem
     part = math.ceil(trainable_elems / world)
     before = r.static_bytes
     adam_bytes = r.optimizer_state_bytes
