@@ -15,7 +15,13 @@ def init_gloo(rank: int, world: int, port: int) -> None:
 
 
 def train_shard_of_global_batches(rank: int, world: int, port: int, overrides: list[str], batches, out_file: str):
-    """Train on this rank's contiguous share of each global batch and save the trainable tensors (rank 0)."""
+    """Train on this rank's contiguous share of each global batch; rank 0 saves ``{"adapters": trainable tensors,
+    "allocation": SNELLA's per-matrix sparsity, "allocation_per_rank": [every rank's]}``."""
+    train_methods_on_shards(rank, world, port, [(overrides, out_file)], batches)
+
+
+def train_methods_on_shards(rank: int, world: int, port: int, runs: list[tuple[list[str], str]], batches):
+    """:func:`train_shard_of_global_batches` for several runs in one process group (one spawn, many methods)."""
     from launcher.env import DistEnv, read_dist_env
     from peft_dist.config import load_config
     from peft_dist.train.trainer import Trainer
@@ -25,13 +31,21 @@ def train_shard_of_global_batches(rank: int, world: int, port: int, overrides: l
         init_gloo(rank, world, port)
     try:
         share = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in batches]
-        cfg = load_config(None, overrides)
-        trainer = Trainer(cfg, read_dist_env() if world > 1 else DistEnv(),
-                          torch.device("cpu"), share, share)
-        trainer.fit()
-        adapters = trainer.engine.state_dict()  # a collective under sharding engines: every rank calls it
-        if rank == 0:
-            torch.save(adapters, out_file)
+        for overrides, out_file in runs:
+            trainer = Trainer(load_config(None, overrides), read_dist_env() if world > 1 else DistEnv(),
+                              torch.device("cpu"), share, share)
+            trainer.fit()
+            adapters = trainer.engine.state_dict()  # a collective under sharding engines: every rank calls it
+            allocation = torch.tensor(trainer.method.history[-1]["sparsity"], dtype=torch.float64) \
+                if hasattr(trainer.method, "history") and trainer.method.history else torch.zeros(0)
+            per_rank = [torch.zeros_like(allocation) for _ in range(world)]
+            if world > 1:
+                dist.all_gather(per_rank, allocation)
+            else:
+                per_rank = [allocation]
+            if rank == 0:
+                torch.save({"adapters": adapters, "allocation": allocation, "allocation_per_rank": per_rank},
+                           out_file)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

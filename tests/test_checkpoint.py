@@ -85,10 +85,10 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
     batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(2)]
     from test_ddp import overrides
 
-    ov = [o for o in overrides(tmp_path, "ddp", "lora") if o] + ["train.steps=2", "train.save_every_steps=2"]
+    ov = overrides(tmp_path / "run", "ddp", "lora") + ["train.steps=2", "train.save_every_steps=2"]
     mp.start_processes(train_shard_of_global_batches, args=(2, free_port(), ov, batches, str(tmp_path / "a.pt")),
                        nprocs=2, join=True, start_method="spawn")
-    saved = torch.load(tmp_path / "a.pt", weights_only=True)
+    saved = torch.load(tmp_path / "a.pt", weights_only=True)["adapters"]
     one = [o.replace("dist.engine=ddp", "dist.engine=single") for o in ov] + ["train.resume=auto", "train.steps=3"]
     from peft_dist.config import load_config
 

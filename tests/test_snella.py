@@ -240,3 +240,30 @@ def test_two_ddp_ranks_compute_the_same_statistics_and_allocation(tmp_path):
     assert a["scores"] == b["scores"]  # all-reduced gradients: the statistics agree before any broadcast
     assert a["history"] == b["history"] and len(a["history"]) == 3
     assert any(h["reallocated"] for h in a["history"])
+
+
+def test_adapter_file_carries_the_learned_allocation(tmp_path):
+    """adapter.safetensors holds the per-matrix s the allocator chose; ``restore_run`` rebuilds the trained model
+    (not the config's init_sparsity) and predicts exactly as the trained one."""
+    from launcher.env import DistEnv
+    from peft_dist.config import load_config
+    from peft_dist.train.evaluate import restore_run
+    from peft_dist.train.trainer import Trainer
+
+    kw = "{img_size: 32, patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}"
+    cfg = load_config(None, ["model.name=vit_tiny_patch16_224", "model.num_classes=5", f"model.kwargs={kw}",
+                             "data.source=synthetic", "method.name=snella", "method.rank=4", "method.mode=merged",
+                             "method.init_sparsity=0.1", "method.target_ratio=0.6", "train.steps=6",
+                             f"train.out_dir={tmp_path}", "train.progress=false", "tracking.enabled=false"])
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
+    trainer = Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches)
+    trainer.fit()
+    trained = trainer.method.sparsity_buffers(trainer.model)
+    assert len({round(float(s), 4) for s in trained.values()}) > 1  # the allocator moved the budget
+    _, restored, method = restore_run(tmp_path)
+    assert {k: float(v) for k, v in method.sparsity_buffers(restored).items()} == \
+        {k: float(v) for k, v in trained.items()}
+    trainer.model.eval(), restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(batches[0][0]), trainer.model(batches[0][0]), rtol=0, atol=0)

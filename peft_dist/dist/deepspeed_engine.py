@@ -160,16 +160,26 @@ class DeepSpeedEngine(Engine):
 
     # ------------------------------------------------------------------ state
     def state_dict(self, adapters_only: bool = True) -> dict[str, torch.Tensor]:
-        """Full trainable tensors (gathered under ZeRO-3); collective under ZeRO-3."""
+        """Full adapter state (parameters gathered under ZeRO-3); collective under ZeRO-3."""
+        from peft_dist.methods.base import adapter_buffer_names
+
         names = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad or not adapters_only]
+        buffers = dict(self.module.named_buffers())
+        keep = adapter_buffer_names(self.module) if adapters_only else list(buffers)
+        state = {n: b.detach().cpu().clone() for n, b in buffers.items() if n in keep}
         with self.gathered([p for _, p in names]):
-            return {n: p.detach().float().cpu().clone() for n, p in names}
+            state.update({n: p.detach().float().cpu().clone() for n, p in names})
+        return state
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         params = dict(self.module.named_parameters())
-        with self.gathered([params[k] for k in sd], modifier_rank=0), torch.no_grad():
+        buffers = dict(self.module.named_buffers())
+        with self.gathered([params[k] for k in sd if k in params], modifier_rank=0), torch.no_grad():
             for k, v in sd.items():
-                params[k].copy_(v.to(params[k].dtype))
+                target = params.get(k, buffers.get(k))
+                if target is None:
+                    raise KeyError(f"adapter state has a tensor the model does not: {k}")
+                target.copy_(v.to(target.dtype))
 
     def save(self, path) -> None:
         self.model.save_checkpoint(str(path), tag=_TAG, exclude_frozen_parameters=True)

@@ -93,10 +93,15 @@ class Engine:
 
     # ------------------------------------------------------------------ state
     def state_dict(self, adapters_only: bool = True) -> dict[str, torch.Tensor]:
-        """Trainable tensors (adapters + head) of the plain model, on CPU, keyed as in the timm model."""
+        """Adapter state (trainable tensors + injected buffers, see ``adapter_state_names``) of the plain model, on
+        CPU, keyed as in the timm model; everything with ``adapters_only=False``."""
+        from peft_dist.methods.base import adapter_state_names
+
+        full = self.module.state_dict()
         if not adapters_only:
-            return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        return {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
+            return {k: v.detach().cpu() for k, v in full.items()}
+        names = adapter_state_names(self.module)
+        return {k: v.detach().cpu() for k, v in full.items() if k in names}
 
     def save(self, path) -> None:
         """Resumable state of this rank (trainable tensors + optimizer) into the directory ``path`` (collective)."""
@@ -110,23 +115,13 @@ class Engine:
         load_dcp(self.module, self.optimizer, path)
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        params = dict(self.module.named_parameters())
-        unknown = [k for k in sd if k not in params]
+        tensors = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
+        unknown = [k for k in sd if k not in tensors]
         if unknown:
             raise KeyError(f"adapter state has tensors the model does not: {', '.join(unknown[:4])}")
         with torch.no_grad():
             for k, v in sd.items():
-                params[k].copy_(v.to(params[k].device, params[k].dtype))
-
-
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Per-block non-reentrant recomputation through timm's own hook (module names stay unchanged)."""
-    from timm.layers import set_reentrant_ckpt
-
-    if not hasattr(model, "set_grad_checkpointing"):
-        raise ValueError(f"dist.activation_checkpointing=true: {type(model).__name__} has no set_grad_checkpointing")
-    set_reentrant_ckpt(False)
-    model.set_grad_checkpointing(True)
+                tensors[k].copy_(v.to(tensors[k].device, tensors[k].dtype))
 
 
 # ---------------------------------------------------------------------- optimizer and schedule

@@ -68,11 +68,17 @@ class FSDP2Engine(Engine):
         return contextlib.nullcontext()
 
     def state_dict(self, adapters_only: bool = True) -> dict[str, torch.Tensor]:
-        """Full (unsharded) trainable tensors on CPU, gathered without touching the frozen backbone. Collective."""
+        """Full (unsharded) adapter state on CPU, gathered without touching the frozen backbone. Collective."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        from peft_dist.methods.base import adapter_state_names
+
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=adapters_only)
-        return get_model_state_dict(self.module, options=opts)
+        full = get_model_state_dict(self.module, options=opts)
+        if not adapters_only:
+            return full
+        names = adapter_state_names(self.module)  # drops the backbone's own buffers, if it has any
+        return {k: v for k, v in full.items() if k in names}
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

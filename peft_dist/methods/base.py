@@ -144,6 +144,22 @@ def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
                 yield p
 
 
+def adapter_buffer_names(model: nn.Module) -> list[str]:
+    """Persistent buffers of the injected modules (SNELLA's learned per-matrix sparsity, SPT's entry indices): with
+    the trainable parameters they are what an adapter file must hold to rebuild the trained model."""
+    names = set()
+    for path, module in model.named_modules():
+        if isinstance(module, AdaptedModule):
+            persistent = module.state_dict(keep_vars=True).keys()  # non-persistent buffers are not in it
+            names |= {f"{path}.{n}" if path else n for n, _ in module.named_buffers() if n in persistent}
+    return sorted(names)
+
+
+def adapter_state_names(model: nn.Module) -> set[str]:
+    """Names (as in ``model.state_dict()``) of the adapter state: trainable parameters + the injected buffers."""
+    return {n for n, p in model.named_parameters() if p.requires_grad} | set(adapter_buffer_names(model))
+
+
 def head_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
     if isinstance(head, nn.Module):

@@ -21,11 +21,12 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
 
 
 def load_adapters(model: nn.Module, path: str | Path) -> None:
-    """Copy the tensors of an ``adapter.safetensors`` into the (method-applied) model; names must all exist."""
+    """Copy the tensors of an ``adapter.safetensors`` (trainable tensors + injected buffers such as SNELLA's learned
+    sparsity) into the (method-applied) model; names must all exist."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"adapter file not found: {path}")
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
         unknown = [k for k in keys if k not in params]
@@ -39,7 +40,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> None:
                     raise CheckpointError(f"adapter file {path}: {k} has shape {tuple(t.shape)}, "
                                           f"the model expects {tuple(params[k].shape)}")
                 params[k].copy_(t)
-    missing = [n for n, p in params.items() if p.requires_grad and n not in keys]
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in keys]
     if missing:
         raise CheckpointError(f"adapter file {path} lacks trainable tensors {', '.join(missing[:4])}")
 
