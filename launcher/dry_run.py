@@ -32,7 +32,6 @@ def _fake_world(world_size: int) -> None:
 
 
 def dry_run(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    from peft_dist.memory.profiler import local_bytes
     from peft_dist.methods.base import count_trainable
     from peft_dist.train.trainer import build_model
 
@@ -59,28 +58,63 @@ def dry_run(cfg: RunConfig, world_size: int) -> dict[str, Any]:
             if d.frozen_dtype == "bf16":
                 cast_frozen(model, torch.bfloat16)
             apply_fsdp2(model, torch.device("cpu"), d.shard_backbone, d.reshard_after_forward, mixed_precision=False)
-        frozen = sum(local_bytes(p) for p in model.parameters() if not p.requires_grad)
-        trainable_local = sum(local_bytes(p) for p in model.parameters() if p.requires_grad)
-        trainable_elems = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
-                              for p in model.parameters() if p.requires_grad)
-        grads, optim = trainable_local, ADAM_STATE_BYTES_PER_ELEMENT * trainable_elems
-        if engine == "deepspeed":  # ZeRO partitions optimizer state (1+), gradients (2+), parameters (3)
-            optim = ADAM_STATE_BYTES_PER_ELEMENT * math.ceil(counts["trainable_params"] / world_size)
-            if d.zero_stage >= 2:
-                grads = math.ceil(grads / world_size)
-            if d.zero_stage == 3:
-                frozen = math.ceil(frozen / world_size)
+        ranks = [rank_bytes(model, engine, d.zero_stage, world_size, r) for r in range(world_size)]
         report = {
             "model": cfg.model.name, "method": cfg.method.name, "engine": engine, "world_size": world_size,
             **counts,
-            "per_rank_bytes": {"params_frozen": frozen, "params_trainable": trainable_local, "grads": grads,
-                               "optimizer_state": optim, "total_static": frozen + trainable_local + grads + optim},
+            "per_rank_bytes": max(ranks, key=lambda b: b["total_static"]),  # the rank that must fit
+            "ranks": ranks,
             "seconds": time.perf_counter() - start,
         }
         report["activations"] = _estimate_activations(cfg, world_size)
         return report
     finally:
         dist.destroy_process_group()
+
+
+def _rows_held(rows: int, shards: int, rank: int) -> int:
+    """Length of a sharded dimension on ``rank``: FSDP2 splits as ``torch.chunk`` does, ceil-sized chunks."""
+    chunk = math.ceil(rows / shards)
+    return max(0, min(chunk, rows - rank * chunk))
+
+
+def _local_elements(p: torch.Tensor, rank: int) -> int:
+    """Elements of parameter ``p`` that ``rank`` stores (DTensor: from its placements, any rank, not only ours)."""
+    placements = getattr(p, "placements", None)
+    if not placements or p.dim() == 0:
+        return p.numel()
+    from torch.distributed.tensor import Shard
+
+    mesh = p.device_mesh
+    position = (mesh.mesh == rank).nonzero()[0].tolist()  # this rank's coordinates in the mesh
+    shape = list(p.shape)
+    for mesh_dim, placement in enumerate(placements):
+        if isinstance(placement, Shard):
+            dim = placement.dim
+            shape[dim] = _rows_held(shape[dim], mesh.size(mesh_dim), int(position[mesh_dim]))
+    return math.prod(shape)
+
+
+def rank_bytes(model: torch.nn.Module, engine: str, zero_stage: int, world_size: int, rank: int) -> dict[str, int]:
+    """Static bytes of one rank, counted from the (sharded) parameters' placements; ZeRO's flat partitions are
+    ceil(total / world) per rank."""
+    frozen = trainable = trainable_elems = 0
+    for p in model.parameters():
+        n = _local_elements(p, rank)
+        if p.requires_grad:
+            trainable += n * p.element_size()
+            trainable_elems += n
+        else:
+            frozen += n * p.element_size()
+    grads, optim = trainable, ADAM_STATE_BYTES_PER_ELEMENT * trainable_elems
+    if engine == "deepspeed":  # ZeRO partitions optimizer state (1+), gradients (2+), parameters (3)
+        optim = ADAM_STATE_BYTES_PER_ELEMENT * math.ceil(trainable_elems / world_size)
+        if zero_stage >= 2:
+            grads = math.ceil(grads / world_size)
+        if zero_stage == 3:
+            frozen = math.ceil(frozen / world_size)
+    return {"params_frozen": frozen, "params_trainable": trainable, "grads": grads, "optimizer_state": optim,
+            "total_static": frozen + trainable + grads + optim}
 
 
 def _estimate_activations(cfg: RunConfig, world_size: int) -> dict[str, Any] | None:
@@ -93,25 +127,35 @@ def _estimate_activations(cfg: RunConfig, world_size: int) -> dict[str, Any] | N
 
 
 def format_report(r: dict[str, Any]) -> str:
-    mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
-    b = r["per_rank_bytes"]
+    mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
     lines = [
         f"dry run: {r['model']} + {r['method']} under {r['engine']}, world size {r['world_size']} "
         f"(fake process group, meta weights; {r['seconds']:.1f} s)",
         f"trainable parameters: {r['trainable_params']:,} ({r['trainable_params_without_head']:,} without the "
         f"head); frozen: {r['frozen_params']:,}",
-        "per-rank memory (every rank alike):",
-        f"  {'frozen parameters':<22}{mib(b['params_frozen']):>16}",
-        f"  {'trainable parameters':<22}{mib(b['params_trainable']):>16}",
-        f"  {'gradients':<22}{mib(b['grads']):>16}",
-        f"  {'optimizer state':<22}{mib(b['optimizer_state']):>16}",
-        f"  {'total (static)':<22}{mib(b['total_static']):>16}",
+        "per-rank memory, MiB (ranks with equal figures share a row):",
+        f"  {'ranks':<10}{'frozen':>12}{'trainable':>12}{'gradients':>12}{'optimizer':>12}{'static':>12}",
     ]
+    for first, last, b in _runs_of_equal(r["ranks"]):
+        label = str(first) if first == last else f"{first}-{last}"
+        lines.append(f"  {label:<10}{mib(b['params_frozen']):>12}{mib(b['params_trainable']):>12}"
+                     f"{mib(b['grads']):>12}{mib(b['optimizer_state']):>12}{mib(b['total_static']):>12}")
     act = r.get("activations")
     if act:
+        lines.append("memory estimator, largest rank (MiB):")
         for k, v in act.items():
             if isinstance(v, (int, float)) and k.endswith("bytes"):
-                lines.append(f"  {k.replace('_bytes', '').replace('_', ' '):<22}{mib(v):>16}")
+                lines.append(f"  {k.replace('_bytes', '').replace('_', ' '):<22}{mib(v):>12}")
     else:
         lines.append("  activations: not estimated (the memory estimator is not in this checkout)")
     return "\n".join(lines)
+
+
+def _runs_of_equal(ranks: list[dict[str, int]]):
+    """Consecutive ranks whose figures print alike (to 0.1 MiB)."""
+    shown = [{k: round(v / 2**20, 1) for k, v in b.items()} for b in ranks]
+    first = 0
+    for i in range(1, len(ranks) + 1):
+        if i == len(ranks) or shown[i] != shown[first]:
+            yield first, i - 1, ranks[first]
+            first = i

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 from launcher.env import EnvError
@@ -104,6 +105,12 @@ def print_summary(summary: dict, out_dir: str) -> None:
     print(f"throughput: {summary['images_per_s']:.1f} images/s; wall time {summary['wall_time_s']:.1f} s; "
           f"steps {summary['steps']}")
     print(f"peak memory per rank: {', '.join(mib)}")
+    memory_file = Path(out_dir) / "memory.json"
+    if memory_file.is_file():
+        from peft_dist.memory.profiler import format_memory_table, read_memory_json
+
+        print("memory by category (MiB):")
+        print(format_memory_table(read_memory_json(memory_file)))
     if summary.get("skipped_samples"):
         print(f"skipped corrupt samples: {summary['skipped_samples']}")
     print(f"run directory: {out_dir} (config.yaml, metrics.jsonl, summary.json, memory.json, adapter.safetensors)")

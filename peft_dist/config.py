@@ -91,9 +91,13 @@ class DataConfig:
     synthetic_seed: int = 0
     """Seeds the synthetic data set itself (class patterns and samples; train.seed only orders it)."""
 
-    def validate(self) -> None:
+    def require_path(self) -> None:
+        """Checked where the data is read (the trainer, before it builds the model), so that a dry run or a memory
+        estimate of a config without a data path works."""
         if self.source == "shards" and not self.path:
             raise ConfigError("data.path: required when data.source=shards (a directory written by `peft-dist shards`)")
+
+    def validate(self) -> None:
         for key in ("batch_size", "eval_batch_size", "img_size", "synthetic_samples", "synthetic_classes"):
             _check_range(f"data.{key}", getattr(self, key), low=1)
         _check_range("data.num_workers", self.num_workers, low=0)

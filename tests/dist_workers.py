@@ -55,7 +55,6 @@ def engine_matrix(rank: int, world: int, port: int, engine: str, zero_stage: int
                   out_dir: str, result_file: str):
     """Train every method 2 steps under one engine and record the per-rank memory invariants."""
     import json
-    import math
 
     from launcher.env import read_dist_env
     from peft_dist.config import load_config
@@ -91,9 +90,6 @@ def engine_matrix(rank: int, world: int, port: int, engine: str, zero_stage: int
                                      p.grad is not None],
                 "frozen_local_bytes": sum(local_bytes(p) for p in module.parameters() if not p.requires_grad),
                 "frozen_full_bytes": summary["frozen_params"] * 4,
-                # FSDP2 shards dim 0 in ceil-sized chunks: a (1, 17, 48) pos_embed lives whole on rank 0
-                "frozen_local_bound_bytes": sum(math.ceil(p.shape[0] / world) * (p.numel() // p.shape[0]) * 4
-                                                for p in module.parameters() if not p.requires_grad and p.dim()),
             }
         with open(f"{result_file}.rank{rank}", "w") as f:
             json.dump(results, f)

@@ -23,7 +23,7 @@ def test_demo(tmp_path):
     assert summary["world_size"] == 2 and summary["engine"] == "ddp" and summary["method"] == "lora"
     assert len(summary["peak_memory_bytes_per_rank"]) == 2 and all(summary["peak_memory_bytes_per_rank"])
     for line in ("top-1 (test, last epoch)", "trainable parameters", "images/s", "peak memory per rank",
-                 "mlflow ui --backend-store-uri sqlite:///"):
+                 "memory by category (MiB)", "mlflow ui --backend-store-uri sqlite:///"):
         assert line in r.stdout, line
     info = json.loads((tmp_path / "demo-digits-shards" / "_info.json").read_text())
     assert info["splits"]["train"]["num_samples"] + info["splits"]["test"]["num_samples"] == 1797

@@ -47,3 +47,34 @@ def test_dry_run_names_a_missing_checkpoint(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == f"peft-dist: error: checkpoint not found: {tmp_path}/ViT-B_16.npz"
+
+
+def test_shipped_vit_h_snell_config_dry_runs_on_32_ranks_in_under_a_minute():
+    import time
+
+    start = time.monotonic()
+    r = subprocess.run([PYTHON, "-m", "peft_dist.cli", "train", "--config", "configs/vit_h_snell_fsdp2.yaml",
+                        "--dry-run", "--world-size", "32"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert time.monotonic() - start < 60
+    assert "vit_huge_patch14_224 + snell under fsdp2, world size 32" in r.stdout
+    table = r.stdout[r.stdout.index("per-rank memory"):r.stdout.index("memory estimator")].splitlines()[2:]
+    covered = []  # every rank appears in exactly one row
+    for row in table:
+        label = row.split()[0]
+        first, _, last = label.partition("-")
+        covered += range(int(first), int(last or first) + 1)
+    assert covered == list(range(32))
+    assert "peak allocated" in r.stdout
+
+
+def test_fsdp2_spreads_adapters_with_few_rows_over_every_rank():
+    """SNELL's factors are (2, d, r/2): sharded on dim 0 they would sit on ranks 0 and 1 only."""
+    cfg = load_config([REPO / "configs/vit_h_snell_fsdp2.yaml"])
+    report = dry_run(cfg, 32)
+    frozen = [b["params_frozen"] for b in report["ranks"]]
+    trainable = [b["params_trainable"] for b in report["ranks"]]
+    assert sum(trainable) == 4 * report["trainable_params"] and sum(frozen) == 4 * report["frozen_params"]
+    assert max(trainable) <= 1.05 * sum(trainable) / 32 and min(trainable) >= 0.9 * sum(trainable) / 32
+    assert max(frozen) <= 1.01 * sum(frozen) / 32
+    assert report["per_rank_bytes"] == max(report["ranks"], key=lambda b: b["total_static"])

@@ -32,9 +32,8 @@ def test_every_method_under_fsdp2(tmp_path):
         for r in per_rank:
             assert r["optimizer_moment_bytes"] == 8 * r["trainable_local_elements"], m
             assert r["frozen_with_grad"] == [], m
-            # about half each: at most the ceil-sized dim-0 chunk of every frozen tensor
-            assert r["frozen_local_bytes"] <= r["frozen_local_bound_bytes"], m
-            assert r["frozen_local_bound_bytes"] <= r["frozen_full_bytes"] / 2 + 0.1 * r["frozen_full_bytes"], m
+            # half each: tensors with fewer rows than ranks (pos_embed is 1 x 17 x 48) shard along a longer dimension
+            assert abs(r["frozen_local_bytes"] - r["frozen_full_bytes"] / 2) <= 0.01 * r["frozen_full_bytes"], m
 
 
 @pytest.mark.timeout(420)

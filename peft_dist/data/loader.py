@@ -363,6 +363,7 @@ def build_train_loader(cfg, rank: int, world_size: int, seed: int):
         from peft_dist.data.synthetic import SyntheticTrainLoader
 
         return SyntheticTrainLoader(cfg, rank, world_size, seed)
+    cfg.require_path()
     info = read_info(cfg.path)
     split = info.split(cfg.train_split)
     if split.num_samples == 0:
@@ -382,6 +383,7 @@ def build_eval_loader(cfg, rank: int, world_size: int):
         from peft_dist.data.synthetic import SyntheticEvalLoader
 
         return SyntheticEvalLoader(cfg, rank, world_size)
+    cfg.require_path()
     info = read_info(cfg.path)
     split = info.split(cfg.eval_split)
     decoder = SampleDecoder(info.num_classes, build_transform(cfg, train=False), cfg.skip_corrupt,

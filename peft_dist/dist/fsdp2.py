@@ -31,17 +31,33 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
+def balanced_placement(shards: int):
+    """FSDP2 shards dim 0 by default, so a tensor with fewer rows than ranks lives on a few ranks only: SNELL's
+    factors (2, d, r/2) on 2 of 32 ranks, LoRA's A (r, d) on r of them, pos_embed (1, N, D) on rank 0. Such tensors
+    are sharded along their longest dimension instead, which spreads adapter state and Adam moments evenly."""
+    from torch.distributed.tensor import Shard
+
+    def placement(param: nn.Parameter):
+        if param.dim() == 0 or param.shape[0] >= shards:
+            return Shard(0)
+        return Shard(max(range(param.dim()), key=lambda d: param.shape[d]))
+
+    return placement
+
+
 def apply_fsdp2(model: nn.Module, device: torch.device, shard: bool, reshard_after_forward: bool,
                 mixed_precision: bool) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = _mesh(device, shard)
+    place = balanced_placement(mesh["shard"].size())
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                    shard_placement_fn=place)
     # the root keeps its parameters (patch embed, tokens, norm, head) gathered after forward: they are small
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False, shard_placement_fn=place)
     return model
 
 

@@ -85,10 +85,7 @@ class Trainer:
         if env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out_dir / "config.yaml")
-        self.model, self.method = build_model(cfg)
-        self.param_counts = count_trainable(self.model)
-
-        if train_loader is None or eval_loader is None:
+        if train_loader is None or eval_loader is None:  # data errors surface before the model is built
             from peft_dist.data import build_eval_loader, build_train_loader
             train_loader = train_loader or build_train_loader(cfg.data, env.rank, env.world_size, cfg.train.seed)
             eval_loader = eval_loader or build_eval_loader(cfg.data, env.rank, env.world_size)
@@ -97,6 +94,8 @@ class Trainer:
         if data_classes is not None and data_classes != cfg.model.num_classes:
             raise ConfigError(f"model.num_classes: got {cfg.model.num_classes}, but the data has {data_classes} "
                               f"classes; set model.num_classes={data_classes}")
+        self.model, self.method = build_model(cfg)
+        self.param_counts = count_trainable(self.model)
 
         self.steps_per_epoch = max(1, _batches_per_epoch(train_loader) // cfg.train.grad_accum)
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
