@@ -124,6 +124,16 @@ class Engine:
                 tensors[k].copy_(v.to(tensors[k].device, tensors[k].dtype))
 
 
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Per-block non-reentrant recomputation through timm's own hook (module names stay unchanged)."""
+    from timm.layers import set_reentrant_ckpt
+
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise ValueError(f"dist.activation_checkpointing=true: {type(model).__name__} has no set_grad_checkpointing")
+    set_reentrant_ckpt(False)
+    model.set_grad_checkpointing(True)
+
+
 # ---------------------------------------------------------------------- optimizer and schedule
 def build_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
     if not groups:
