@@ -27,6 +27,24 @@ def tiny_vit(num_classes: int = 5, seed: int = 0, **overrides):
     return peft_dist.create_backbone("vit_tiny_patch16_224", num_classes=num_classes, **kwargs)
 
 
+def adamw_losses(model, steps: int = 15, lr: float = 1e-2, weight_decay: float = 0.0) -> list[float]:
+    """Train ``model``'s trainable parameters on one fixed batch of 8 with AdamW; the loss after every step."""
+    import torch.nn.functional as F
+
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g)
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture
 def make_tiny_vit():
     return tiny_vit

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import peft_dist
-from conftest import REPO, tiny_vit
+from conftest import REPO, adamw_losses, tiny_vit
 from peft_dist.config import ConfigError, load_config
 from peft_dist.methods.base import count_trainable
 from peft_dist.methods.hta import HTALinear, reflect, reflector_matrix
@@ -134,17 +133,7 @@ def test_identity_at_init_and_exact_merge_on_a_vit():
 def test_loss_falls_with_adamw():
     model = tiny_vit(seed=2)
     peft_dist.apply_method(model, "hta", dropout=0.1, diag_init_std=1e-3)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
-    g = torch.Generator().manual_seed(5)
-    x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g)
-    losses = []
-    for _ in range(15):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adamw_losses(model, weight_decay=0.01)
     assert sum(losses[-3:]) / 3 < 0.85 * losses[0], losses
     assert model.blocks[0].attn.qkv.v_left["q"].grad.abs().sum() > 0  # the reflectors train once d moves
 

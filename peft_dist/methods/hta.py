@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_dist.config import ConfigError, check_range
+from peft_dist.config import check_range
 from peft_dist.methods.base import AdaptedModule, Method
 from peft_dist.methods.lora import inject_per_target, merged_linear
 from peft_dist.methods.registry import register_method
-from peft_dist.models.targets import TARGET_NAMES, find_targets
+from peft_dist.models.targets import check_targets, find_targets
 
 _NORM_EPS = 1e-12
 
@@ -51,11 +51,7 @@ class HTAOptions:
         check_range("method.rank", self.rank, low=0)
         check_range("method.dropout", self.dropout, low=0.0, high=1.0)
         check_range("method.diag_init_std", self.diag_init_std, low=0.0)
-        if not self.targets:
-            raise ConfigError(f"method.targets: empty; allowed: any of {', '.join(TARGET_NAMES)}")
-        for t in self.targets:
-            if t not in TARGET_NAMES:
-                raise ConfigError(f"method.targets: unknown target {t!r}; allowed: {', '.join(TARGET_NAMES)}")
+        check_targets(self.targets)
 
 
 def reflect(x: torch.Tensor, v: torch.Tensor, normalized: bool = True) -> torch.Tensor:

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_dist.config import check_range, ConfigError
+from peft_dist.config import check_range
 from peft_dist.methods.base import AdaptedModule, Method
 from peft_dist.methods.registry import register_method
-from peft_dist.models.targets import TARGET_NAMES, Target, find_targets, group_by_path, replace_module
+from peft_dist.models.targets import Target, check_targets, find_targets, group_by_path, replace_module
 
 
 @dataclass
@@ -27,11 +27,7 @@ class LoraOptions:
     def validate(self) -> None:
         check_range("method.rank", self.rank, low=1)
         check_range("method.dropout", self.dropout, low=0.0, high=1.0)
-        if not self.targets:
-            raise ConfigError(f"method.targets: empty; allowed: any of {', '.join(TARGET_NAMES)}")
-        for t in self.targets:
-            if t not in TARGET_NAMES:
-                raise ConfigError(f"method.targets: unknown target {t!r}; allowed: {', '.join(TARGET_NAMES)}")
+        check_targets(self.targets)
 
 
 class LoRALinear(AdaptedModule):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,13 +47,13 @@ from peft_dist.methods.functional.kernelized import (
 )
 from peft_dist.methods.lora import merged_linear
 from peft_dist.methods.registry import register_method
-from peft_dist.models.targets import TARGET_NAMES, find_targets, group_by_path, replace_module
+from peft_dist.methods.sparsity_option import MATRIX_KEY, check_sparsity_option, lookup_sparsity
+from peft_dist.models.targets import TARGET_NAMES, check_targets, find_targets, group_by_path, replace_module
 
 DROPOUT_TARGETS = ("q", "k", "v", "fc1", "fc2")
 """Matrices whose adapter input goes through the adapter Dropout; proj reads the attention output as is (§1.1)."""
 FAITHFUL_DROPOUT = 0.1
 FAITHFUL_DROP_PATH = 0.1
-_MATRIX_KEY = re.compile(r"^blocks\.(\d+)\.(q|k|v|proj|fc1|fc2)$")
 
 
 # ============================================================================================== options
@@ -86,13 +85,7 @@ class KernelAdapterOptions:
             raise ConfigError(f"method.rank: got {self.rank}; allowed: an even number >= 2 (two kernel pieces of "
                               f"rank/2 columns each, spec §2.1)")
         check_range("method.chunk_entries", self.chunk_entries, low=1)
-        if not self.targets:
-            raise ConfigError(f"method.targets: empty; allowed: any of {', '.join(TARGET_NAMES)}")
-        for t in self.targets:
-            if t not in TARGET_NAMES:
-                raise ConfigError(f"method.targets: unknown target {t!r}; allowed: {', '.join(TARGET_NAMES)}")
-        if len(set(self.targets)) != len(self.targets):
-            raise ConfigError(f"method.targets: {self.targets} lists a matrix twice")
+        check_targets(self.targets)
         for key in ("adapter_dropout", "adapter_drop_path"):
             value = getattr(self, key)
             if value is None:
@@ -127,24 +120,11 @@ class SnellOptions(KernelAdapterOptions):
 
     def validate(self) -> None:
         self.validate_common()
-        if isinstance(self.sparsity, dict):
-            if not self.sparsity:
-                raise ConfigError("method.sparsity: empty map; give a number or keys default/<kind>/blocks.<i>.<kind>")
-            for key, value in self.sparsity.items():
-                if key != "default" and key not in TARGET_NAMES and not _MATRIX_KEY.match(key):
-                    raise ConfigError(f"method.sparsity.{key}: unknown key; allowed: default, "
-                                      f"{', '.join(TARGET_NAMES)} or blocks.<i>.<kind> (e.g. blocks.3.fc1)")
-                check_range(f"method.sparsity.{key}", value, low=0.0, high=1.0)
-        else:
-            check_range("method.sparsity", self.sparsity, low=0.0, high=1.0)
+        check_sparsity_option(self.sparsity)
 
     def sparsity_for(self, block: int, kind: str) -> float:
-        if not isinstance(self.sparsity, dict):
-            return float(self.sparsity)
-        for key in (f"blocks.{block}.{kind}", kind, "default"):
-            if key in self.sparsity:
-                return float(self.sparsity[key])
-        return 0.0
+        s = lookup_sparsity(self.sparsity, block, kind)
+        return 0.0 if s is None else s  # a map without ``default`` leaves the other matrices dense (s = 0)
 
 
 # ============================================================================================== modules
@@ -440,7 +420,7 @@ class Snell(KernelAdapterMethod):
         if not isinstance(self.options.sparsity, dict):
             return
         for key in self.options.sparsity:
-            m = _MATRIX_KEY.match(key)
+            m = MATRIX_KEY.match(key)
             if m and int(m.group(1)) >= blocks:
                 raise ConfigError(f"method.sparsity.{key}: block {m.group(1)} does not exist; the model has blocks "
                                   f"0..{blocks - 1}")

@@ -23,7 +23,6 @@ memory profile behind the paper's GPS row (2,428 / 7,522 / 16,119 MB at batch 8 
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_dist.config import ConfigError, check_range
+from peft_dist.config import ConfigError
 from peft_dist.methods.base import AdaptedModule, Method, head_parameters
 from peft_dist.methods.registry import register_method
-from peft_dist.models.targets import TARGET_NAMES, find_targets, group_by_path, replace_module
+from peft_dist.methods.sparsity_option import MATRIX_KEY, check_sparsity_option, lookup_sparsity
+from peft_dist.models.targets import TARGET_NAMES, check_targets, find_targets, group_by_path, replace_module
 
-_MATRIX_KEY = re.compile(r"^blocks\.(\d+)\.(q|k|v|proj|fc1|fc2)$")
 
 
 @dataclass
@@ -54,21 +53,8 @@ class SparseMaskedOptions:
     train_cls_token: bool = True
 
     def validate(self) -> None:
-        if not self.targets:
-            raise ConfigError(f"method.targets: empty; allowed: any of {', '.join(TARGET_NAMES)}")
-        for t in self.targets:
-            if t not in TARGET_NAMES:
-                raise ConfigError(f"method.targets: unknown target {t!r}; allowed: {', '.join(TARGET_NAMES)}")
-        if isinstance(self.sparsity, dict):
-            if not self.sparsity:
-                raise ConfigError("method.sparsity: empty map; give a number or keys default/<kind>/blocks.<i>.<kind>")
-            for key, value in self.sparsity.items():
-                if key != "default" and key not in TARGET_NAMES and not _MATRIX_KEY.match(key):
-                    raise ConfigError(f"method.sparsity.{key}: unknown key; allowed: default, "
-                                      f"{', '.join(TARGET_NAMES)} or blocks.<i>.<kind> (e.g. blocks.3.fc1)")
-                check_range(f"method.sparsity.{key}", value, low=0.0, high=1.0)
-        else:
-            check_range("method.sparsity", self.sparsity, low=0.0, high=1.0)
+        check_targets(self.targets)
+        check_sparsity_option(self.sparsity)
         if self.sparsity_file is not None:
             read_sparsity_file(self.sparsity_file)
 
@@ -79,11 +65,9 @@ class SparseMaskedOptions:
                 raise ConfigError(f"method.sparsity_file: {self.sparsity_file} has no row for matrix {name} "
                                   "(was it written for another backbone or target set?)")
             return table[name]
-        if not isinstance(self.sparsity, dict):
-            return float(self.sparsity)
-        for key in (name, kind, "default"):
-            if key in self.sparsity:
-                return float(self.sparsity[key])
+        s = lookup_sparsity(self.sparsity, block, kind)
+        if s is not None:
+            return s
         raise ConfigError(f"method.sparsity: no value for {name}; add a 'default' key")
 
 
@@ -101,7 +85,7 @@ def read_sparsity_file(path: str | Path) -> dict[str, float]:
         table: dict[str, float] = {}
         for line, row in enumerate(reader, start=2):
             name = row["matrix"]
-            if not _MATRIX_KEY.match(name or ""):
+            if not MATRIX_KEY.match(name or ""):
                 raise ConfigError(f"method.sparsity_file: {path} line {line}: matrix {name!r} is not "
                                   "blocks.<i>.<q|k|v|proj|fc1|fc2>")
             try:

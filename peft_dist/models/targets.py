@@ -8,6 +8,21 @@ from torch import nn
 
 TARGET_NAMES = ("q", "k", "v", "proj", "fc1", "fc2")
 QKV_SLICES = ("q", "k", "v")
+
+
+def check_targets(targets: list[str], allowed: tuple[str, ...] = TARGET_NAMES) -> None:
+    """``method.targets``: non-empty, known names, none twice; the error names the key and the allowed values."""
+    from peft_dist.config import ConfigError
+
+    if not targets:
+        raise ConfigError(f"method.targets: empty; allowed: any of {', '.join(allowed)}")
+    for t in targets:
+        if t not in allowed:
+            raise ConfigError(f"method.targets: unknown target {t!r}; allowed: {', '.join(allowed)}")
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"method.targets: {list(targets)} lists a matrix twice")
+
+
 _MODULE_OF = {"q": "attn.qkv", "k": "attn.qkv", "v": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1",
               "fc2": "mlp.fc2"}
 
