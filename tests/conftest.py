@@ -46,6 +46,15 @@ def adamw_losses(model, steps: int = 15, lr: float = 1e-2, weight_decay: float =
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny matrices: one thread avoids the OpenMP/MKL hand-offs that dominate on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def make_tiny_vit():
     return tiny_vit
 

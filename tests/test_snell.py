@@ -29,14 +29,7 @@ from peft_dist.methods.snell import (
 F64 = torch.float64
 SIX = ["q", "k", "v", "proj", "fc1", "fc2"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids the OpenMP/MKL hand-offs that dominate on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(n=8, seed=0):

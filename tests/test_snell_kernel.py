@@ -24,14 +24,7 @@ from peft_dist.methods.functional.kernelized import (
 
 F64 = torch.float64
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These matrices are tiny: one thread avoids the OpenMP/MKL hand-offs that dominate on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def factors(kind, d_in, d_out, rank=4, seed=0, dtype=F64, requires_grad=True):

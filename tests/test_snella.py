@@ -19,14 +19,7 @@ from peft_dist.methods.snell import KernelFactors
 from peft_dist.methods.snella import budget_schedule, proportional_allocation
 from test_snell import train_steps
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids the OpenMP/MKL hand-offs that dominate on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- schedule
