@@ -117,3 +117,46 @@ def fail_on_rank(rank: int, world: int, port: int, failing_rank: int, overrides:
 
     trainer.train_step = train_step
     trainer.fit()
+
+
+def fsdp2_bf16_dtypes(rank: int, world: int, port: int, result_file: str):
+    """Under FSDP2's bf16 policy: the dtypes SNELL's fused Function receives (input, frozen weight, factors), the
+    dtype LoRA's factors are gathered in, and the gradient dtypes of the sharded trainable parameters."""
+    import json
+
+    import peft_dist
+    import peft_dist.methods.functional.kernelized as kernelized
+    from conftest import tiny_vit
+    from peft_dist.dist.fsdp2 import apply_fsdp2
+
+    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
+    try:
+        seen = {}
+        original = kernelized.KernelizedLinearFunction.apply
+
+        def spy(x, weight, bias, out_features, slices, cfg, compute_dtype, *factors):
+            seen.update(input=str(x.dtype), frozen_weight=str(weight.dtype), snell_factors=str(factors[0].dtype))
+            return original(x, weight, bias, out_features, slices, cfg, compute_dtype, *factors)
+
+        kernelized.KernelizedLinearFunction.apply = spy
+        results = {}
+        for method, options in (("snell", {"rank": 4, "mode": "merged"}), ("lora", {"rank": 4})):
+            model = tiny_vit()
+            applied = peft_dist.apply_method(model, method, **options)
+            apply_fsdp2(model, torch.device("cpu"), True, True, True, applied.full_precision_parameters(model))
+            lora_dtypes = set()
+            for module in model.modules():
+                if hasattr(module, "lora_A"):
+                    module.register_forward_pre_hook(
+                        lambda m, _: lora_dtypes.update(str(p.dtype) for p in m.lora_A.values()))
+            seen.clear()
+            model(torch.randn(2, 3, 32, 32)).float().sum().backward()
+            results[method] = {**seen, "lora_gathered": sorted(lora_dtypes),
+                               "grads": sorted({str(p.grad.dtype) for p in model.parameters()
+                                                if p.requires_grad and p.grad is not None})}
+        if rank == 0:
+            with open(result_file, "w") as f:
+                json.dump(results, f)
+    finally:
+        dist.destroy_process_group()

@@ -76,3 +76,18 @@ def test_fairscale_missing_extra_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "fairscale.optim", None)  # as if the legacy extra were not installed
     with pytest.raises(RuntimeError, match=r"fairscale_oss needs the legacy extra: pip install 'peft-dist\[legacy\]'"):
         _import_oss()
+
+
+@pytest.mark.timeout(120)
+def test_fsdp2_bf16_policy_keeps_snell_factors_in_fp32(tmp_path):
+    """bf16 compute (the GPU policy, here on gloo): SNELL's kernel factors reach the fused Function in fp32 while
+    the input and the frozen weight are bf16 (spec snell_snella.md §7.2); LoRA's factors follow the policy."""
+    from dist_workers import fsdp2_bf16_dtypes
+
+    out = tmp_path / "dtypes.json"
+    mp.start_processes(fsdp2_bf16_dtypes, args=(2, free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    got = json.loads(out.read_text())
+    assert got["snell"]["input"] == got["snell"]["frozen_weight"] == "torch.bfloat16"
+    assert got["snell"]["snell_factors"] == "torch.float32"
+    assert got["lora"]["lora_gathered"] == ["torch.bfloat16"]
+    assert got["snell"]["grads"] == got["lora"]["grads"] == ["torch.float32"]  # fp32 reduction, fp32 shards

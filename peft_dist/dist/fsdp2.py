@@ -46,13 +46,16 @@ def balanced_placement(shards: int):
 
 
 def apply_fsdp2(model: nn.Module, device: torch.device, shard: bool, reshard_after_forward: bool,
-                mixed_precision: bool) -> nn.Module:
+                mixed_precision: bool, full_precision: list[nn.Parameter] = ()) -> nn.Module:
+    """``full_precision``: parameters gathered in their own dtype under the bf16 policy (SNELL's kernel factors)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = _mesh(device, shard)
     place = balanced_placement(mesh["shard"].size())
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
-        else MixedPrecisionPolicy()
+    keep = {id(p) for p in full_precision}
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                  param_dtype_override_fn=lambda p: p.dtype if id(p) in keep else None) \
+        if mixed_precision else MixedPrecisionPolicy()
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
                     shard_placement_fn=place)
@@ -76,7 +79,8 @@ class FSDP2Engine(Engine):
                                    "auto or bf16); on CPU keep dist.frozen_dtype=fp32")
             cast_frozen(model, torch.bfloat16)
         self.autocast_dtype = None  # FSDP2's policy casts parameters; autocast would double-cast
-        return apply_fsdp2(model, self.device, d.shard_backbone, d.reshard_after_forward, mixed)
+        return apply_fsdp2(model, self.device, d.shard_backbone, d.reshard_after_forward, mixed,
+                           self.method.full_precision_parameters(model))
 
     def autocast(self):
         import contextlib

@@ -210,8 +210,9 @@ def apply_engine(model: nn.Module, plan: EnginePlan) -> None:
 
         if plan.frozen_bf16:
             cast_frozen(model, torch.bfloat16)
+        method = getattr(model, "peft_method", None)
         apply_fsdp2(model, torch.device("cpu"), plan.shard_backbone, plan.reshard_after_forward,
-                    plan.fsdp_mixed_precision)
+                    plan.fsdp_mixed_precision, method.full_precision_parameters(model) if method else [])
     elif plan.model_bf16:
         for p in model.parameters():
             if p.is_floating_point():

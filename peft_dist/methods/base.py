@@ -67,6 +67,11 @@ class Method:
         yield from adapter_parameters(model)
         yield from head_parameters(model)
 
+    def full_precision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters whose math must stay fp32 under a bf16 engine policy (FSDP2 then gathers them in their own
+        dtype instead of casting them); none by default."""
+        return []
+
     def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         for name, p in model.named_parameters():
             if p.requires_grad:

@@ -328,6 +328,11 @@ class KernelAdapterMethod(Method):
         if isinstance(cls_token, nn.Parameter):
             yield cls_token
 
+    def full_precision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The kernel factors (and MixK's α, γ, β): the kernel is built in fp32 (spec §7.2), so under FSDP2's bf16
+        policy they are gathered in fp32 rather than rounded to bf16 first."""
+        return [t for ref in self.matrices(model) for t in ref.factors.tensors()]
+
     # ------------------------------------------------------------------ matrices
     def matrices(self, model: nn.Module | None = None) -> list[MatrixRef]:
         """Every kernelized matrix of ``model`` (default: the model this method was applied to), in block order."""
