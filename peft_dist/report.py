@@ -80,6 +80,10 @@ class Run:
     trainable_without_head: int
     peak_bytes: int
     images_per_s: float
+    state_bytes: int = 0
+    """Parameters + buffers + gradients + optimizer state of the largest rank (exact; 0 for older runs)."""
+    peak_is_rss: bool = False
+    """The peak is the process's max RSS (CPU runs), not the CUDA allocator's peak."""
 
 
 def method_label(method: dict[str, Any]) -> str:
@@ -104,7 +108,8 @@ def read_run(path: Path) -> Run:
     return Run(path, s["method"], method_label(cfg.get("method", {})), task or path.name, s["model"],
                100 * s["top1"], 100 * s["top1_paper_protocol"] if "top1_paper_protocol" in s else None,
                s["trainable_params"], s["trainable_params_without_head"],
-               max(s.get("peak_memory_bytes_per_rank") or [0]), s.get("images_per_s", float("nan")))
+               max(s.get("peak_memory_bytes_per_rank") or [0]), s.get("images_per_s", float("nan")),
+               max(s.get("state_memory_bytes_per_rank") or [0]), s.get("peak_memory_kind") == "rss")
 
 
 @dataclass
@@ -145,6 +150,7 @@ def row_figures(row: Row) -> dict[str, Any]:
     figs["trainable_params_M"] = statistics.fmean(r.trainable for r in row.runs) / 1e6
     figs["trainable_params_without_head_M"] = statistics.fmean(r.trainable_without_head for r in row.runs) / 1e6
     figs["peak_memory_MiB"] = max(r.peak_bytes for r in row.runs) / 2**20
+    figs["state_memory_MiB"] = max(r.state_bytes for r in row.runs) / 2**20
     figs["images_per_s"] = statistics.fmean(r.images_per_s for r in row.runs)
     figs["runs"] = len(row.runs)
     return figs
@@ -162,8 +168,8 @@ def write_report(runs: list[Run], out_dir: Path, paper_protocol: bool = False) -
     tasks = sorted({t for r in runs for t in [r.task]}, key=lambda t: (list(TASKS).index(t) if t in TASKS else 999,
                                                                        t))
     aggs = [a for a in AGG_LABELS if any(a in r for r in rows)]
-    cols = ["method", *tasks, *aggs, "trainable_params_M", "trainable_params_without_head_M", "peak_memory_MiB",
-            "images_per_s", "runs"]
+    cols = ["method", *tasks, *aggs, "trainable_params_M", "trainable_params_without_head_M", "state_memory_MiB",
+            "peak_memory_MiB", "images_per_s", "runs"]
     csv_path = out_dir / "report.csv"
     with csv_path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols + [f"{t} std" for t in tasks], extrasaction="ignore")
@@ -173,8 +179,9 @@ def write_report(runs: list[Run], out_dir: Path, paper_protocol: bool = False) -
 
     protocol = "paper protocol: best test epoch (test-set selection)" if paper_protocol else \
         "standard protocol: last epoch"
+    rss = any(r.peak_is_rss for r in runs)
     header = ["method", *tasks, *(AGG_LABELS[a] for a in aggs), "trainable params", "w/o head",
-              "peak MiB", "img/s"]
+              "state MiB", "peak RSS MiB" if rss else "peak MiB", "img/s"]
     lines = [f"top-1 % ({protocol}; mean ± std over seeds)", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for r in rows:
@@ -183,8 +190,12 @@ def write_report(runs: list[Run], out_dir: Path, paper_protocol: bool = False) -
             cells.append(f"{r[t]:.1f} ± {r[f'{t} std']:.1f}" if t in r else "—")
         cells += [f"{r[a]:.1f}" if a in r else "—" for a in aggs]
         cells += [f"{1e6 * r['trainable_params_M']:,.0f}", f"{1e6 * r['trainable_params_without_head_M']:,.0f}",
-                  f"{r['peak_memory_MiB']:.0f}", f"{r['images_per_s']:.0f}"]
+                  f"{r['state_memory_MiB']:.1f}", f"{r['peak_memory_MiB']:.0f}", f"{r['images_per_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "state MiB: parameters + buffers + gradients + optimizer state of the largest rank, counted exactly."]
+    if rss:
+        lines.append("peak RSS MiB: CPU runs report the process's max resident set, which also holds whatever the "
+                     "process did before (compare it across separate processes only).")
     anchors = anchor_rows(runs, aggs)
     if anchors:
         lines += ["", ANCHOR_NOTE, ""] + anchors

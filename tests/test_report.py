@@ -57,7 +57,8 @@ def write_run(root, name, method, task, top1, params, seed, paper=None):
     d.mkdir(parents=True)
     s = {"top1": top1, "method": method["name"], "model": "vit_base_patch16_224", "task": task,
          "trainable_params": params + 1000, "trainable_params_without_head": params,
-         "peak_memory_bytes_per_rank": [2**30, 2**29], "images_per_s": 100.0}
+         "peak_memory_bytes_per_rank": [2**30, 2**29], "images_per_s": 100.0, "peak_memory_kind": "rss",
+         "state_memory_bytes_per_rank": [3 * 2**19, 2**19]}
     if paper is not None:
         s["top1_paper_protocol"] = paper
     (d / "summary.json").write_text(json.dumps(s))
@@ -75,7 +76,8 @@ def test_report_files_and_seed_statistics(tmp_path):
     md = paths["markdown"].read_text()
     std = statistics.stdev([80.0, 84.0, 82.0])
     assert f"82.0 ± {std:.1f}" in md and "lora-8" in md and "standard protocol: last epoch" in md
-    assert "295,912 | 294,912" in md  # trainable params with and without the head
+    assert "295,912 | 294,912 | 1.5 | 1024 |" in md  # trainable params with and without the head, state, peak
+    assert "peak RSS MiB" in md and "state MiB: parameters + buffers + gradients + optimizer state" in md
     rows = paths["csv"].read_text().splitlines()
     assert rows[0].startswith("method,vtab/cifar") and len(rows) == 3
     assert paths["png"].stat().st_size > 1000

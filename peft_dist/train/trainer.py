@@ -305,6 +305,10 @@ class Trainer:
             "model": cfg.model.name,
             "task": self.task_name(),
             "peak_memory_bytes_per_rank": [r.peak_bytes for r in memory],
+            # CUDA: the allocator's peak; CPU: the process's max RSS (which also holds earlier work of the process)
+            "peak_memory_kind": "allocated" if any(r.peak_allocated_bytes is not None for r in memory) else "rss",
+            # parameters + buffers + gradients + optimizer state, counted exactly from the tensors on any device
+            "state_memory_bytes_per_rank": [r.static_bytes for r in memory],
             "method_summary": self.method.summary(self.model),
             "protocol": "standard (last epoch)",
             "eval_history": self.eval_history,
