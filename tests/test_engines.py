@@ -91,3 +91,18 @@ def test_fsdp2_bf16_policy_keeps_snell_factors_in_fp32(tmp_path):
     assert got["snell"]["snell_factors"] == "torch.float32"
     assert got["lora"]["lora_gathered"] == ["torch.bfloat16"]
     assert got["snell"]["grads"] == got["lora"]["grads"] == ["torch.float32"]  # fp32 reduction, fp32 shards
+
+
+def test_balanced_placement_picks_the_longest_evenly_divisible_dimension():
+    import torch
+    from torch.distributed.tensor import Shard
+
+    from peft_dist.dist.fsdp2 import balanced_placement
+
+    place = balanced_placement(32)
+    shard = lambda *shape: place(torch.nn.Parameter(torch.empty(*shape)))  # noqa: E731
+    assert shard(3840, 1280) == Shard(0)          # enough rows: FSDP2's default
+    assert shard(2, 1280, 16) == Shard(1)         # SNELL factors: along d_in
+    assert shard(8, 1280) == Shard(1)             # LoRA A
+    assert shard(1, 257, 1280) == Shard(2)        # pos_embed: 257 does not split evenly, 1280 does
+    assert shard(2, 48, 1) == Shard(0)            # nothing splits evenly over 32: dim 0 with padding

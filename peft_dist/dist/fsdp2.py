@@ -34,13 +34,15 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
 def balanced_placement(shards: int):
     """FSDP2 shards dim 0 by default, so a tensor with fewer rows than ranks lives on a few ranks only: SNELL's
     factors (2, d, r/2) on 2 of 32 ranks, LoRA's A (r, d) on r of them, pos_embed (1, N, D) on rank 0. Such tensors
-    are sharded along their longest dimension instead, which spreads adapter state and Adam moments evenly."""
+    are sharded along their longest dimension that splits evenly (FSDP2 pads only dim 0), which spreads adapter
+    state and Adam moments over every rank; without one, dim 0 it is."""
     from torch.distributed.tensor import Shard
 
     def placement(param: nn.Parameter):
         if param.dim() == 0 or param.shape[0] >= shards:
             return Shard(0)
-        return Shard(max(range(param.dim()), key=lambda d: param.shape[d]))
+        even = [d for d in range(1, param.dim()) if param.shape[d] % shards == 0]
+        return Shard(max(even, key=lambda d: param.shape[d])) if even else Shard(0)
 
     return placement
 
