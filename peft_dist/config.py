@@ -289,14 +289,19 @@ def load_config(path: str | Path | list[str | Path] | None = None, overrides: li
 
 
 def _read_yaml(p: Path) -> dict[str, Any]:
+    return read_yaml_mapping(p, "config file not found", f"a mapping of sections ({', '.join(_SECTION_TYPES)})")
+
+
+def read_yaml_mapping(p: Path, missing: str, expected: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; errors name the file (``missing: p`` when it does not exist)."""
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        raise ConfigError(f"{missing}: {p}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections ({', '.join(_SECTION_TYPES)})")
+        raise ConfigError(f"{p}: the top level must be {expected}")
     return data
 
 

@@ -30,9 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from peft_dist.config import ConfigError
+from peft_dist.config import ConfigError, read_yaml_mapping
 
 AXES = ("backbone", "method", "batch_size", "dtype", "activation_checkpointing", "engine", "world_size")
 AXIS_DEFAULTS: dict[str, Any] = {"batch_size": 8, "dtype": "fp32", "activation_checkpointing": False,
@@ -85,14 +83,7 @@ class Study:
 def load_study(path: str | Path) -> Study:
     """Read and check a grid file; every error names the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--grid: file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with keys {', '.join(TOP_KEYS)}")
+    raw = read_yaml_mapping(path, "--grid: file not found", f"a mapping with keys {', '.join(TOP_KEYS)}")
     for key in raw:
         if key not in TOP_KEYS:
             raise ConfigError(f"{path}: unknown key {key!r}; allowed: {', '.join(TOP_KEYS)}")
