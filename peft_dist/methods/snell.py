@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import math
 import weakref
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -284,7 +285,7 @@ class MatrixRef:
         return self.factors.in_features * self.factors.out_features
 
 
-class KernelAdapterMethod(Method):
+class KernelAdapterMethod(Method, ABC):
     """What SNELL and SNELLA share: injection, trainable set, summaries, artifacts and sparse-delta export."""
 
     kernel_kind = "piecewise"
@@ -295,8 +296,9 @@ class KernelAdapterMethod(Method):
         return KernelConfig(kind=self.kernel_kind, threshold=self.options.threshold,
                             plain_at_zero=self.plain_at_zero, chunk_entries=self.options.chunk_entries)
 
+    @abstractmethod
     def initial_sparsity(self, block: int, kind: str) -> float:
-        raise NotImplementedError
+        """s of matrix ``blocks.{block}.{kind}`` at injection: SNELL's configured value, SNELLA's s_init."""
 
     def inject(self, model: nn.Module) -> None:
         o = self.options
