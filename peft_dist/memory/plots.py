@@ -30,15 +30,28 @@ def _varying(rows: list[dict[str, Any]], axes: tuple[str, ...]) -> tuple[str, ..
     return tuple(a for a in axes if len({str(r[a]) for r in rows}) > 1)
 
 
+def _series(rows: list[dict[str, Any]], line_axis: str, other_axes: tuple[str, ...]) -> dict[str, list[dict]]:
+    """One line per value of ``line_axis``, split further by whichever of ``other_axes`` vary in the rows."""
+    others = _varying(rows, other_axes)
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault(_series_key(r, line_axis, *others), []).append(r)
+    return series
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def memory_vs_backbone(rows: list[dict[str, Any]], path: Path, labels: dict[str, str] | None = None) -> Path | None:
     """Peak GiB per rank vs backbone parameters (millions), one line per method (and per other varying setting)."""
     if len({r["backbone"] for r in rows}) < 2:
         return None
     plt = _pyplot()
-    others = _varying(rows, ("engine", "world_size", "batch_size", "dtype", "activation_checkpointing"))
-    series: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        series.setdefault(_series_key(r, "method", *others), []).append(r)
+    series = _series(rows, "method", ("engine", "world_size", "batch_size", "dtype", "activation_checkpointing"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.get_cmap("tab20").colors
     markers = "osD^v<>p*h"
@@ -54,10 +67,7 @@ def memory_vs_backbone(rows: list[dict[str, Any]], path: Path, labels: dict[str,
     ax.set_title("memory vs backbone size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def memory_vs_world(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -65,10 +75,7 @@ def memory_vs_world(rows: list[dict[str, Any]], path: Path) -> Path | None:
     if len({int(r["world_size"]) for r in rows}) < 2:
         return None
     plt = _pyplot()
-    others = _varying(rows, ("backbone", "method", "batch_size", "dtype", "activation_checkpointing"))
-    series: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        series.setdefault(_series_key(r, "engine", *others), []).append(r)
+    series = _series(rows, "engine", ("backbone", "method", "batch_size", "dtype", "activation_checkpointing"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, points in series.items():
         points = sorted(points, key=lambda r: int(r["world_size"]))
@@ -84,10 +91,7 @@ def memory_vs_world(rows: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_title("memory per rank vs world size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def breakdown(rows: list[dict[str, Any]], path: Path, labels: dict[str, str] | None = None) -> Path:
@@ -112,7 +116,4 @@ def breakdown(rows: list[dict[str, Any]], path: Path, labels: dict[str, str] | N
     ax.set_title("memory by category at the peak")
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
