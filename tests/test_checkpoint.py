@@ -2,9 +2,8 @@
 2-rank checkpoint loads on 1 rank (DCP resharding)."""
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import spawn_two_ranks
 from dist_workers import train_shard_of_global_batches
 from launcher.env import DistEnv
 from peft_dist.models.backbone import CheckpointError
@@ -86,8 +85,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
     from test_ddp import overrides
 
     ov = overrides(tmp_path / "run", "ddp", "lora") + ["train.steps=2", "train.save_every_steps=2"]
-    mp.start_processes(train_shard_of_global_batches, args=(2, free_port(), ov, batches, str(tmp_path / "a.pt")),
-                       nprocs=2, join=True, start_method="spawn")
+    spawn_two_ranks(train_shard_of_global_batches, ov, batches, str(tmp_path / "a.pt"))
     saved = torch.load(tmp_path / "a.pt", weights_only=True)["adapters"]
     one = [o.replace("dist.engine=ddp", "dist.engine=single") for o in ov] + ["train.resume=auto", "train.steps=3"]
     from peft_dist.config import load_config

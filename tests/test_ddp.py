@@ -2,13 +2,10 @@
 with the adapters of 1 process, for lora, snell and snella (fp32; rtol 1e-4, atol 1e-5: Adam turns reduction-order noise in a near-zero gradient into up to
 ~1e-5 of an lr-5e-3 step). SNELLA's allocation is
 the single process's on every rank."""
-import warnings
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import TINY_VIT, free_port
+from conftest import TINY_VIT, spawn_two_ranks
 from dist_workers import train_methods_on_shards, train_shard_of_global_batches
 
 pytestmark = [pytest.mark.distributed]
@@ -69,18 +66,7 @@ def assert_same_adapters(got: dict, want: dict, what: str) -> None:
 
 
 def run_two_ranks(tmp_path, runs):
-    """Spawn the 2 ranks. A rank killed by a native abort (seen once in ~40 DeepSpeed runs on gloo: "terminate called
-    without an active exception" seconds after start, before any training) is retried once on a fresh port; a Python
-    exception or a wrong result is never retried."""
-    for attempt in (1, 2):
-        try:
-            mp.start_processes(train_methods_on_shards, args=(2, free_port(), runs, global_batches()), nprocs=2,
-                               join=True, start_method="spawn")
-            break
-        except mp.ProcessExitedException as e:
-            if attempt == 2 or e.signal_name not in ("SIGABRT", "SIGSEGV"):
-                raise
-            warnings.warn(f"rank {e.error_index} died with {e.signal_name}; retrying once on a fresh port")
+    spawn_two_ranks(train_methods_on_shards, runs, global_batches())
     return [torch.load(out, weights_only=True) for _, out in runs]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch.multiprocessing as mp
 
 import peft_dist
-from conftest import free_port
+from conftest import free_port, spawn_two_ranks
 from dist_workers import engine_matrix, fail_on_rank
 
 pytestmark = [pytest.mark.distributed]
@@ -17,8 +17,7 @@ pytestmark = [pytest.mark.distributed]
 def run_matrix(tmp_path, engine, stage):
     methods = [m for m in peft_dist.method_names() if not m.startswith("spt")]  # SPT needs an allocation file
     out = str(tmp_path / "results")
-    mp.start_processes(engine_matrix, args=(2, free_port(), engine, stage, methods, str(tmp_path), out), nprocs=2,
-                       join=True, start_method="spawn")
+    spawn_two_ranks(engine_matrix, engine, stage, methods, str(tmp_path), out)
     return methods, [json.loads(open(f"{out}.rank{r}").read()) for r in range(2)]
 
 
@@ -85,7 +84,7 @@ def test_fsdp2_bf16_policy_keeps_snell_factors_in_fp32(tmp_path):
     from dist_workers import fsdp2_bf16_dtypes
 
     out = tmp_path / "dtypes.json"
-    mp.start_processes(fsdp2_bf16_dtypes, args=(2, free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    spawn_two_ranks(fsdp2_bf16_dtypes, str(out))
     got = json.loads(out.read_text())
     assert got["snell"]["input"] == got["snell"]["frozen_weight"] == "torch.bfloat16"
     assert got["snell"]["snell_factors"] == "torch.float32"
