@@ -1,32 +1,66 @@
 # The two commands of the README: `make demo` (the main job) and `make test` (the suite).
-# Each creates the virtual environment on a fresh machine if it is missing or out of date.
-VENV   ?= .venv
-PYTHON ?= python3
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.peft-dist-installed
+# Each creates its virtual environment on a fresh machine if it is missing or out of date.
+#
+# TORCH picks the tested set of versions in constraints/torch-$(TORCH).txt: 2.15 (the default, in .venv) or 2.14
+# (in .venv-torch2.14). The set is passed as PIP_CONSTRAINT, which replaces any machine-wide pip constraint (a
+# pip.conf that caps torch), so the same commit gets the same versions on every machine.
+TORCH          ?= 2.15
+SUPPORTED      := 2.14 2.15
+OTHER_TORCH    := 2.14
+VENV           ?= $(if $(filter 2.15,$(TORCH)),.venv,.venv-torch$(TORCH))
+PYTHON         ?= python3
+PY             := $(VENV)/bin/python
+CONSTRAINTS    := constraints/torch-$(TORCH).txt
+STAMP          := $(VENV)/.peft-dist-installed
+TESTS          ?= tests
+# What depends on the torch minor: engines, estimator, dry run, SNELL/SNELLA, checkpoints, the test harness.
+VERSION_TESTS  := tests/test_engines.py tests/test_ddp.py tests/test_memory_estimator.py tests/test_dry_run.py \
+                  tests/test_snell.py tests/test_snell_kernel.py tests/test_snella.py tests/test_checkpoint.py \
+                  tests/test_activation_checkpointing.py tests/test_memory_profiler.py tests/test_compat.py \
+                  tests/test_harness.py
 # DeepSpeed on a machine without a GPU: its CPU accelerator (no compiled ops needed at install time).
 export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS ?= 0
 
-.PHONY: env demo test clean
+.PHONY: env demo test test-other-torch lock clean
+
+ifeq ($(filter $(TORCH),$(SUPPORTED)),)
+$(error TORCH=$(TORCH); allowed: $(SUPPORTED))
+endif
 
 env: $(STAMP)
 
 # torch + torchvision come from the package registry: PyPI's torchvision only loads against PyPI's torch build
 # (a CUDA build, which runs fine on a CPU-only machine). Then the package with every extra the tests exercise.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet torch torchvision
-	$(PY) -m pip install --quiet -e ".[dev,deepspeed,legacy]"
-	$(PY) -c "import torch, torchvision, timm, webdataset, mlflow, deepspeed; print('environment ready: torch', torch.__version__, 'timm', timm.__version__)"
+	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(PY) -m pip install --quiet --upgrade pip
+	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(PY) -m pip install --quiet torch torchvision
+	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(PY) -m pip install --quiet -e ".[dev,deepspeed,legacy]"
+	$(PY) -m peft_dist.compat --check $(TORCH)
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/peft-dist demo --out-dir runs/demo
 
+# -n 1: the tests run in one xdist worker, so a native crash fails that test and a new worker runs the rest.
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=15 tests
+	$(PY) -m pytest -q -ra --durations=15 -n 1 --max-worker-restart=20 $(TESTS)
+
+# The version-dependent tests under the other supported torch minor, in its own environment (CI runs both).
+test-other-torch:
+	$(MAKE) test TORCH=$(OTHER_TORCH) TESTS="$(VERSION_TESTS)"
+
+# Re-resolve the tested set for TORCH from pyproject.toml's ranges (then run both test targets before committing).
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	printf 'torch==%s.*\ntorchvision\n' $(TORCH) > .venv-lock/torch.txt
+	PIP_CONSTRAINT=$(abspath .venv-lock/torch.txt) .venv-lock/bin/pip install --quiet torch torchvision -e ".[dev,deepspeed,legacy]"
+	{ echo "# The tested set for torch $(TORCH) (pip freeze of \`make lock TORCH=$(TORCH)\`, Python 3.11, x86_64)."; \
+	  echo "# Used as PIP_CONSTRAINT by the Makefile; regenerate with \`make lock TORCH=$(TORCH)\`."; \
+	  .venv-lock/bin/pip freeze --exclude-editable | grep -v '^peft-dist'; } > $(CONSTRAINTS)
+	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf .venv .venv-torch* runs

@@ -24,11 +24,11 @@ ADAM_STATE_BYTES_PER_ELEMENT = 8  # exp_avg + exp_avg_sq in fp32
 
 
 def _fake_world(world_size: int) -> None:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from peft_dist.compat import fake_store
 
     if dist.is_initialized():
         raise RuntimeError("--dry-run starts its own fake process group; run it as a single process")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=world_size)
 
 
 def dry_run(cfg: RunConfig, world_size: int) -> dict[str, Any]:
@@ -49,11 +49,11 @@ def dry_run(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         counts = count_trainable(model)
         engine, d = cfg.dist.engine, cfg.dist
         if d.activation_checkpointing:
-            from peft_dist.dist.engine import apply_activation_checkpointing
+            from peft_dist.engines.engine import apply_activation_checkpointing
 
             apply_activation_checkpointing(model)
         if engine == "fsdp2":
-            from peft_dist.dist.fsdp2 import apply_fsdp2, cast_frozen
+            from peft_dist.engines.fsdp2 import apply_fsdp2, cast_frozen
 
             if d.frozen_dtype == "bf16":
                 cast_frozen(model, torch.bfloat16)

@@ -25,7 +25,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, Me
 def _run_distributed(cfg, work: Callable):
     """Start the process group from the environment, run ``work(env, device)``, always tear the group down."""
     from launcher.env import read_dist_env
-    from peft_dist.dist.process_group import destroy_process_group, init_process_group
+    from peft_dist.engines.process_group import destroy_process_group, init_process_group
 
     env = read_dist_env()
     device = init_process_group(env, cfg.dist.backend, cfg.dist.timeout_s)
@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from peft_dist.data import build_eval_loader
-    from peft_dist.dist.process_group import all_reduce_sum
+    from peft_dist.engines.process_group import all_reduce_sum
     from peft_dist.train.evaluate import restore_run
 
     cfg, model, _ = restore_run(args.run, args.overrides)

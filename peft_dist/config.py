@@ -109,7 +109,7 @@ class DataConfig:
 @dataclass
 class DistConfig:
     engine: str = "single"
-    """Which engine parallelizes the model; see ``peft_dist.dist.engine_names()``."""
+    """Which engine parallelizes the model; see ``peft_dist.engines.engine_names()``."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend; ``auto`` is NCCL when CUDA is available, gloo otherwise."""
     timeout_s: int = 600
@@ -130,7 +130,7 @@ class DistConfig:
     """deepspeed: a user JSON merged over the generated config (its keys win)."""
 
     def validate(self) -> None:
-        from peft_dist.dist import engine_names
+        from peft_dist.engines import engine_names
 
         if self.engine not in engine_names():
             raise ConfigError(f"dist.engine: unknown engine {self.engine!r}; allowed: {', '.join(engine_names())}")

@@ -119,15 +119,17 @@ def fail_on_rank(rank: int, world: int, port: int, failing_rank: int, overrides:
     trainer.fit()
 
 
-def fsdp2_bf16_dtypes(rank: int, world: int, port: int, result_file: str):
-    """Under FSDP2's bf16 policy: the dtypes SNELL's fused Function receives (input, frozen weight, factors), the
-    dtype LoRA's factors are gathered in, and the gradient dtypes of the sharded trainable parameters."""
+def fsdp2_bf16_dtypes(rank: int, world: int, port: int, result_file: str, strategy: str = "auto"):
+    """Under FSDP2's bf16 policy, SNELL's factors kept fp32 by ``strategy``: the dtypes SNELL's fused Function
+    receives (input, frozen weight, factors), the dtype LoRA's factors are gathered in, the gradient dtypes of the
+    sharded trainable parameters, and the loss and full SNELL factor gradients of one step (to compare
+    strategies)."""
     import json
 
     import peft_dist
     import peft_dist.methods.functional.kernelized as kernelized
     from conftest import tiny_vit
-    from peft_dist.dist.fsdp2 import apply_fsdp2
+    from peft_dist.engines.fsdp2 import apply_fsdp2
 
     torch.set_num_threads(1)
     init_gloo(rank, world, port)
@@ -144,15 +146,20 @@ def fsdp2_bf16_dtypes(rank: int, world: int, port: int, result_file: str):
         for method, options in (("snell", {"rank": 4, "mode": "merged"}), ("lora", {"rank": 4})):
             model = tiny_vit()
             applied = peft_dist.apply_method(model, method, **options)
-            apply_fsdp2(model, torch.device("cpu"), True, True, True, applied.full_precision_parameters(model))
+            apply_fsdp2(model, torch.device("cpu"), True, True, True, applied.full_precision_parameters(model),
+                        full_precision_strategy=strategy)
             lora_dtypes = set()
             for module in model.modules():
                 if hasattr(module, "lora_A"):
                     module.register_forward_pre_hook(
                         lambda m, _: lora_dtypes.update(str(p.dtype) for p in m.lora_A.values()))
             seen.clear()
-            model(torch.randn(2, 3, 32, 32)).float().sum().backward()
-            results[method] = {**seen, "lora_gathered": sorted(lora_dtypes),
+            loss = model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))).float().sum()
+            loss.backward()
+            factor_grads = [p.grad.full_tensor().double().flatten().tolist()
+                            for p in applied.full_precision_parameters(model)]
+            results[method] = {**seen, "lora_gathered": sorted(lora_dtypes), "loss": loss.item(),
+                               "factor_grads": factor_grads,
                                "grads": sorted({str(p.grad.dtype) for p in model.parameters()
                                                 if p.requires_grad and p.grad is not None})}
         if rank == 0:
@@ -160,3 +167,26 @@ def fsdp2_bf16_dtypes(rank: int, world: int, port: int, result_file: str):
                 json.dump(results, f)
     finally:
         dist.destroy_process_group()
+
+
+def crash_after_forward(rank: int, world: int, port: int, crash_rank: int):
+    """One forward of a Linear, then ``crash_rank`` dies of SIGSEGV (a native crash in training)."""
+    import os
+    import signal
+
+    torch.nn.Linear(2, 2)(torch.ones(1, 2))
+    if rank == crash_rank:
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def crash_once_at_start_up(rank: int, world: int, port: int, flag_file: str):
+    """Rank 1 dies of SIGABRT before any forward on the first attempt only (``flag_file`` remembers it); then both
+    ranks run one forward."""
+    import os
+    import signal
+    from pathlib import Path
+
+    if rank == 1 and not Path(flag_file).exists():
+        Path(flag_file).touch()
+        os.kill(os.getpid(), signal.SIGABRT)
+    torch.nn.Linear(2, 2)(torch.ones(1, 2))

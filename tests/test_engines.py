@@ -70,33 +70,59 @@ def test_failed_rank_does_not_hang_the_others(tmp_path):
 def test_fairscale_missing_extra_is_a_clear_error(monkeypatch):
     import sys
 
-    from peft_dist.dist.fairscale_oss import _import_oss
+    from peft_dist.engines.fairscale_oss import _import_oss
 
     monkeypatch.setitem(sys.modules, "fairscale.optim", None)  # as if the legacy extra were not installed
     with pytest.raises(RuntimeError, match=r"fairscale_oss needs the legacy extra: pip install 'peft-dist\[legacy\]'"):
         _import_oss()
 
 
-@pytest.mark.timeout(120)
-def test_fsdp2_bf16_policy_keeps_snell_factors_in_fp32(tmp_path):
-    """bf16 compute (the GPU policy, here on gloo): SNELL's kernel factors reach the fused Function in fp32 while
-    the input and the frozen weight are bf16 (spec snell_snella.md §7.2); LoRA's factors follow the policy."""
+def _fsdp2_bf16_run(tmp_path, strategy: str) -> dict:
     from dist_workers import fsdp2_bf16_dtypes
 
-    out = tmp_path / "dtypes.json"
-    spawn_two_ranks(fsdp2_bf16_dtypes, str(out))
-    got = json.loads(out.read_text())
+    out = tmp_path / f"dtypes-{strategy}.json"
+    spawn_two_ranks(fsdp2_bf16_dtypes, str(out), strategy)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("strategy", ["auto", "own_group"])
+def test_fsdp2_bf16_policy_keeps_snell_factors_in_fp32(tmp_path, strategy):
+    """bf16 compute (the GPU policy, here on gloo): SNELL's kernel factors reach the fused Function in fp32 while
+    the input and the frozen weight are bf16 (spec snell_snella.md §7.2); LoRA's factors follow the policy. ``auto``
+    is the per-parameter override on torch >= 2.15 and the factors' own fp32 group before it; ``own_group`` is
+    the fallback forced on any torch, so both paths run on every supported minor."""
+    got = _fsdp2_bf16_run(tmp_path, strategy)
     assert got["snell"]["input"] == got["snell"]["frozen_weight"] == "torch.bfloat16"
     assert got["snell"]["snell_factors"] == "torch.float32"
     assert got["lora"]["lora_gathered"] == ["torch.bfloat16"]
     assert got["snell"]["grads"] == got["lora"]["grads"] == ["torch.float32"]  # fp32 reduction, fp32 shards
 
 
+@pytest.mark.timeout(240)
+def test_fsdp2_full_precision_strategies_agree(tmp_path):
+    """The fallback is numerically the override: the same loss and the same SNELL factor gradients, bitwise (both
+    gather the factors in fp32 and run the same kernels). On torch < 2.15, where the override does not exist, the
+    explicit request fails in one line and ``auto`` resolves to the fallback."""
+    from peft_dist.engines.fsdp2 import resolve_full_precision_strategy, supports_dtype_override
+
+    if not supports_dtype_override():
+        with pytest.raises(RuntimeError, match=r"param_dtype_override_fn needs torch >= 2.15"):
+            resolve_full_precision_strategy("override")
+        assert resolve_full_precision_strategy("auto") == "own_group"
+        return
+    assert resolve_full_precision_strategy("auto") == "override"
+    override, own_group = _fsdp2_bf16_run(tmp_path, "override"), _fsdp2_bf16_run(tmp_path, "own_group")
+    assert override["snell"]["loss"] == own_group["snell"]["loss"]
+    assert override["snell"]["factor_grads"] == own_group["snell"]["factor_grads"]
+    assert any(any(g != 0.0 for g in grads) for grads in own_group["snell"]["factor_grads"])
+
+
 def test_balanced_placement_picks_the_longest_evenly_divisible_dimension():
     import torch
     from torch.distributed.tensor import Shard
 
-    from peft_dist.dist.fsdp2 import balanced_placement
+    from peft_dist.engines.fsdp2 import balanced_placement
 
     place = balanced_placement(32)
     shard = lambda *shape: place(torch.nn.Parameter(torch.empty(*shape)))  # noqa: E731

@@ -6,6 +6,8 @@ placeholders; engines that are modelled rather than traced; errors and the ``pef
 import argparse
 import json
 
+import re
+
 import pytest
 import torch
 
@@ -53,7 +55,7 @@ def method_overrides(name, tmp_path):
 
 def real_engine_run(cfg, steps=1):
     """What the trainer does (peft_dist.train.trainer.Trainer.train_step) with the single engine, on CPU."""
-    from peft_dist.dist.engine import Engine
+    from peft_dist.engines.engine import Engine
     from peft_dist.train.trainer import build_model
 
     model, method = build_model(cfg)
@@ -94,17 +96,17 @@ def test_every_method_exact_state_bytes_and_peak_within_15_percent_of_a_real_tra
 
 
 @pytest.mark.parametrize("overrides, world, depth, traced", [
-    (["method.name=full"], 1, 4, "2 and 3 of 4"),
+    (["method.name=full"], 1, 6, "2, 3 and 4 of 6"),
     # SNELL's (2, n, r/2) factors over 32 ranks: B (2, 192, 1) shards evenly along dim 1, A (2, 48, 1) falls back
     # to dim 0 and pads 16x; the extrapolated peaks must still equal the full trace
     (["method.name=snell", "method.rank=2", "method.mode=merged", "method.targets=[fc1]", "dist.engine=fsdp2",
-      "dist.activation_checkpointing=true"], 32, 5, "2 and 3 of 5"),
+      "dist.activation_checkpointing=true"], 32, 8, "(2, 3 and 4|4, 5 and 6) of 8"),  # torch 2.14: 4, 5, 6
 ])
 def test_depth_extrapolation_equals_the_full_trace(overrides, world, depth, traced):
     cfg = tiny_config(*overrides, depth=depth)
     fast = estimate(cfg, world, device="cpu", eval_batch_size=0)
     full = estimate(cfg, world, device="cpu", eval_batch_size=0, extrapolate=False)
-    assert any(f"depth extrapolation: traced {traced}" in n for n in fast.notes), fast.notes
+    assert any(re.search(f"depth extrapolation: traced {traced}", n) for n in fast.notes), fast.notes
     assert not any("extrapolation" in n for n in full.notes)
     assert fast.phase_peak_allocated_bytes == full.phase_peak_allocated_bytes
     for field in ("params_frozen_bytes", "params_trainable_bytes", "grads_bytes", "optimizer_state_bytes"):
@@ -220,7 +222,7 @@ def test_warm_up_state_equals_tracing_a_second_step(method):
 
 
 def test_deepspeed_buckets_follow_the_trainable_size_unless_the_user_sets_them(tmp_path):
-    from peft_dist.dist.deepspeed_engine import deepspeed_config
+    from peft_dist.engines.deepspeed_engine import deepspeed_config
 
     cfg = tiny_config("method.name=lora", "dist.engine=deepspeed", "dist.zero_stage=2")
     zero = deepspeed_config(cfg, 2, cuda=False, trainable_elements=3_000_000)["zero_optimization"]

@@ -84,7 +84,11 @@ def read_shard(path: str) -> Iterator[dict[str, Any]]:
     """Samples of one tar shard as webdataset groups them (``__key__``, ``__url__``, member bytes), keeping only
     image and ``.cls`` members. The file is opened here, not through webdataset's ``gopen`` (no ``pipe:``, no
     ``GOPEN_REWRITE``)."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    from peft_dist.compat import private_attr
+
+    group_by_keys = private_attr("webdataset.tariterators", "group_by_keys", "reading tar shards", "webdataset 1.0")
+    tar_file_expander = private_attr("webdataset.tariterators", "tar_file_expander", "reading tar shards",
+                                     "webdataset 1.0")
 
     with open(path, "rb") as stream:
         try:

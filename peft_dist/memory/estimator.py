@@ -18,12 +18,14 @@ How each field is obtained:
 * phase peaks and the breakdown at the peak: the tracker's running total of live tensor storage per phase.
 
 Depth extrapolation (why the anchor study fits in CI). A ViT is a stack of identical blocks, so every quantity of a
-step is affine in the depth D as long as each phase peaks at the same kind of moment: traced at D = 2 and D = 3, a
-quantity q gives q(D) = q(2) + (D − 2)·(q(3) − q(2)). Two checks guard it on every run: the extrapolated parameter
-bytes must equal the full meta model's exactly (else the full depth is traced), and the tracker categories alive at
-each phase peak must be the same at both depths (else the pair moves one block deeper, e.g. when a reduce-scatter
-buffer joins the peak from 3 blocks on; after two moves the full depth is traced). The tests compare extrapolated
-with full-depth traces byte for byte. ``extrapolate=False`` traces the full depth.
+step is affine in the depth D once each phase peaks at the same kind of moment: traced at D = d and d + 1, a
+quantity q gives q(D) = q(d) + (D − d)·(q(d + 1) − q(d)). Two checks guard it on every run: the extrapolated
+parameter bytes must equal the full meta model's exactly, and the line through depths d − 1 and d must predict the
+traced depth d + 1 exactly, in every phase peak and every category at the peak (else the three depths move one block
+deeper: torch 2.14's FSDP2 forward peaks elsewhere at 2 blocks; a reduce-scatter buffer can join the peak from 3
+blocks on). Starting at d − 1 = 2, after two moves, or when the model is no deeper than that, the full depth is
+traced. The tests compare extrapolated with full-depth traces byte for byte. ``extrapolate=False`` traces the full
+depth.
 
 Traps handled (ecosystem §7, found again here): timm's drop-path rates call ``.item()`` (the model is built on meta,
 then given fake tensors); a device mesh cannot be created inside ``FakeTensorMode`` (sharding runs outside it: fake
@@ -61,7 +63,7 @@ from peft_dist.config import ConfigError, RunConfig
 from peft_dist.memory.profiler import MemoryReport, local_bytes, state_bytes
 
 BASE_DEPTH = 2
-"""Depth extrapolation traces depths BASE_DEPTH and BASE_DEPTH + 1 (one block has no 'middle' block)."""
+"""Depth extrapolation traces from BASE_DEPTH on (one block has no 'middle' block)."""
 TARGET_DEVICES = ("cuda", "cpu")
 _STATE_FIELDS = ("params_frozen_bytes", "params_trainable_bytes", "buffers_bytes", "grads_bytes",
                  "optimizer_state_bytes")
@@ -92,7 +94,7 @@ class EnginePlan:
 
 def resolve_plan(cfg: RunConfig, world_size: int, target: str = "cuda") -> EnginePlan:
     """Mirror of the engines' set-up decisions (``Engine._autocast_dtype``, ``FSDP2Engine.wrap``, DeepSpeed's bf16)."""
-    from peft_dist.dist import engine_names
+    from peft_dist.engines import engine_names
 
     if target not in TARGET_DEVICES:
         raise ConfigError(f"--device: got {target!r}; allowed: {', '.join(TARGET_DEVICES)}")
@@ -136,9 +138,9 @@ def fake_process_group(world_size: int):
                                f"one (found backend {dist.get_backend()!r}, world {dist.get_world_size()})")
         yield
         return
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from peft_dist.compat import fake_store
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=world_size)
     try:
         yield
     finally:
@@ -202,11 +204,11 @@ def input_shape(model: nn.Module, cfg: RunConfig) -> tuple[int, int, int]:
 def apply_engine(model: nn.Module, plan: EnginePlan) -> None:
     """The engine's own sharding functions, in the engine's order (freeze → AC → cast → shard)."""
     if plan.activation_checkpointing:
-        from peft_dist.dist.engine import apply_activation_checkpointing
+        from peft_dist.engines.engine import apply_activation_checkpointing
 
         apply_activation_checkpointing(model)
     if plan.engine == "fsdp2":
-        from peft_dist.dist.fsdp2 import apply_fsdp2, cast_frozen
+        from peft_dist.engines.fsdp2 import apply_fsdp2, cast_frozen
 
         if plan.frozen_bf16:
             cast_frozen(model, torch.bfloat16)
@@ -224,8 +226,12 @@ def _tracker_classes():
     """MemTracker / FSDPMemTracker with three changes (see the module docstring): frozen-safe gradient hooks, a
     cheap global peak kept per phase, placeholders for data-dependent reads under fake tensors."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    from peft_dist.compat import private_attr
+
+    feature = "the memory estimator"
+    FSDPMemTracker = private_attr("torch.distributed._tools.fsdp2_mem_tracker", "FSDPMemTracker", feature)
+    MemTracker = private_attr("torch.distributed._tools.mem_tracker", "MemTracker", feature)
+    _MemRefType = private_attr("torch.distributed._tools.mem_tracker", "_MemRefType", feature)
 
     aten = torch.ops.aten
     total_key = "Total"
@@ -363,7 +369,7 @@ def trace_step(cfg: RunConfig, plan: EnginePlan, *, fake: bool = True, steps: in
     group of ``plan`` (see :func:`fake_process_group`) for fsdp2."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from peft_dist.dist.engine import build_optimizer
+    from peft_dist.engines.engine import build_optimizer
     from peft_dist.methods.base import TrainPlan
     from peft_dist.train.trainer import build_model
 
@@ -500,7 +506,7 @@ def estimate(cfg: RunConfig, world_size: int = 1, *, device: str = "cuda", fake:
         trace_plan = plan if plan.engine != "deepspeed" else _deepspeed_trace_plan(plan)
         depth = model_depth(cfg) if (extrapolate and fake) else None
         trace = None
-        if depth is not None and depth > BASE_DEPTH + 1:
+        if depth is not None and depth > BASE_DEPTH + 2:
             trace = _extrapolated(cfg_at, trace_plan, depth, steps, eval_batch_size, notes)
         if trace is None:
             trace = trace_step(cfg_at(None), trace_plan, fake=fake, steps=steps, eval_batch_size=eval_batch_size)
@@ -519,36 +525,42 @@ def estimate(cfg: RunConfig, world_size: int = 1, *, device: str = "cuda", fake:
     return report
 
 
-def _same_composition(low: Trace, high: Trace) -> bool:
-    """Whether each phase peaks at the same kind of moment at both depths: the same categories are alive. A category
-    that appears only one block deeper (a reduce-scatter buffer that outgrows the rest, say) means the peak moved,
-    and a line through the two points would extrapolate the jump, not the growth per block."""
-    if set(low.phases) != set(high.phases):
-        return False
-    return all({k for k, v in low.breakdown.get(p, {}).items() if v} ==
-               {k for k, v in high.breakdown.get(p, {}).items() if v} for p in low.phases)
+def _predicts(low: Trace, high: Trace, actual: Trace) -> bool:
+    """Whether the line through ``low`` and ``high`` (one block apart) hits ``actual`` one block further, in every
+    phase peak and every category at the peak. Where a phase peaks at a different kind of moment at the shallowest
+    depth (torch 2.14's FSDP2 forward peak at 2 blocks, or a reduce-scatter buffer joining the peak from 3 blocks on),
+    the line misses and the three points move one block deeper."""
+    predicted = low.extrapolate(high, 2)
+    return predicted.phases == actual.phases and all(
+        {k: v for k, v in predicted.breakdown.get(p, {}).items() if v} ==
+        {k: v for k, v in actual.breakdown.get(p, {}).items() if v} for p in set(predicted.breakdown) |
+        set(actual.breakdown))
 
 
 def _extrapolated(cfg_at, plan: EnginePlan, depth: int, steps: int, eval_batch_size: int | None,
                   notes: list[str]) -> Trace | None:
-    """The trace of the full depth from two traced depths one block apart (module docstring), starting at
-    BASE_DEPTH and moving one block deeper while the peak changes composition; None: trace the full depth."""
+    """The trace of the full depth from the last two of three traced depths one block apart, once the first two
+    predict the third exactly (module docstring), starting at BASE_DEPTH and moving one block deeper while they do
+    not; None: trace the full depth (also when it is no deeper than the three traces)."""
     exact = exact_state(cfg_at(None), plan)
-    low = trace_step(cfg_at(BASE_DEPTH), plan, fake=True, steps=steps, eval_batch_size=eval_batch_size)
-    for d in range(BASE_DEPTH + 1, min(depth, BASE_DEPTH + 3)):
-        high = trace_step(cfg_at(d), plan, fake=True, steps=steps, eval_batch_size=eval_batch_size)
-        candidate = low.extrapolate(high, depth - (d - 1))
+    traces: list[Trace] = []
+    for d in range(BASE_DEPTH, min(depth, BASE_DEPTH + 5)):
+        traces.append(trace_step(cfg_at(d), plan, fake=True, steps=steps, eval_batch_size=eval_batch_size))
+        if len(traces) < 3:
+            continue
+        low, mid, high = traces[-3:]
+        candidate = mid.extrapolate(high, depth - (d - 1))
         if not all(candidate.state[k] == exact[k] for k in exact):
             notes.append("depth extrapolation rejected (parameter bytes are not affine in depth for this method); "
                          "traced the full depth")
             return None
-        if _same_composition(low, high):
-            notes.append(f"depth extrapolation: traced {d - 1} and {d} of {depth} blocks; parameter bytes match "
-                         "the full model exactly")
+        if _predicts(low, mid, high):
+            notes.append(f"depth extrapolation: traced {d - 2}, {d - 1} and {d} of {depth} blocks; parameter bytes "
+                         "match the full model exactly")
             return candidate
-        low = high
-    notes.append("depth extrapolation rejected (the peak changes composition from block to block); traced the "
-                 "full depth")
+    if depth > BASE_DEPTH + 2:
+        notes.append("depth extrapolation rejected (the peak is not affine in depth over three blocks); traced "
+                     "the full depth")
     return None
 
 
@@ -597,7 +609,7 @@ def _model_deepspeed(r: MemoryReport, cfg: RunConfig, plan: EnginePlan) -> None:
     optimizer state and an fp32 master copy of the trainable parameters partitioned over the ranks (stage ≥ 1),
     gradients partitioned (stage ≥ 2), parameters partitioned (stage 3, all of them, frozen ones included), plus the
     ``reduce_bucket_size``-element gradient staging buffer(s) that live through backward and step."""
-    from peft_dist.dist.deepspeed_engine import deepspeed_config
+    from peft_dist.engines.deepspeed_engine import deepspeed_config
 
     elem = 2 if plan.model_bf16 else 4
     trainable_elems = r.params_trainable_bytes // elem

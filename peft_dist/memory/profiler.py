@@ -150,7 +150,9 @@ class MemoryProfiler:
                 torch.cuda.memory._record_memory_history(max_entries=self.snapshot_max_entries)
                 self.recording = True
             if getattr(config, "snapshot_on_oom", False):
-                torch._C._cuda_attach_out_of_memory_observer(self._on_oom)
+                from peft_dist.compat import attach_cuda_oom_observer
+
+                attach_cuda_oom_observer(self._on_oom)
 
     # ------------------------------------------------------------------ measuring
     @contextlib.contextmanager

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_dist.config import check_range
-from peft_dist.methods.base import AdaptedModule, Method
+from peft_dist.methods.base import AdaptedModule, Method, add_to_rows
 from peft_dist.methods.lora import inject_per_target, merged_linear
 from peft_dist.methods.registry import register_method
 from peft_dist.models.targets import check_targets, find_targets
@@ -111,15 +111,9 @@ class HTALinear(AdaptedModule):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         xd = self.dropout(x)
-        for name, rows in self.slices.items():
-            delta = self.branch(xd, name, rows.stop - rows.start)
-            if rows.start == 0 and rows.stop == out.shape[-1]:
-                out = out + delta
-            else:  # the Linear's output is not saved by autograd, so its slice may be updated in place
-                out[..., rows] += delta.to(out.dtype)
-        return out
+        return add_to_rows(self.base(x), [(rows, self.branch(xd, name, rows.stop - rows.start))
+                                          for name, rows in self.slices.items()])
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in timm layout (d_out×d_in): (W_down·W_up + H_l·Σ·H_r)ᵀ, float64, built once (merge only)."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_dist.config import check_range
-from peft_dist.methods.base import AdaptedModule, Method
+from peft_dist.methods.base import AdaptedModule, Method, add_to_rows
 from peft_dist.methods.registry import register_method
 from peft_dist.models.targets import Target, check_targets, find_targets, group_by_path, replace_module
 
@@ -50,15 +50,10 @@ class LoRALinear(AdaptedModule):
             self.lora_B[name] = nn.Parameter(torch.zeros(rows.stop - rows.start, rank, **factory))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         xd = self.dropout(x)
-        for name, rows in self.slices.items():
-            delta = F.linear(F.linear(xd, self.lora_A[name]), self.lora_B[name]) * self.scale
-            if rows.start == 0 and rows.stop == out.shape[-1]:
-                out = out + delta
-            else:  # in place on a slice of the base output: no full-width zero-padded delta is materialised
-                out[..., rows] += delta
-        return out
+        return add_to_rows(self.base(x), [
+            (rows, F.linear(F.linear(xd, self.lora_A[name]), self.lora_B[name]) * self.scale)
+            for name, rows in self.slices.items()])
 
     def delta_weight(self) -> torch.Tensor:
         dw = torch.zeros_like(self.base.weight)

@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from peft_dist.config import ConfigError, check_range
-from peft_dist.methods.base import AdaptedModule, Method, adapter_parameters, head_parameters
+from peft_dist.methods.base import AdaptedModule, Method, adapter_parameters, add_to_rows, head_parameters
 from peft_dist.methods.functional.kernelized import (
     KernelConfig,
     SliceSpec,
@@ -159,6 +159,11 @@ class KernelFactors(nn.Module):
             return [self.A, self.B, self.alpha, self.gamma, self.beta]
         return [self.A, self.B]
 
+    def forward(self) -> list[torch.Tensor]:
+        """The factors, read through a call so that module hooks see the read: FSDP2 gathers them here when they
+        form their own fp32 group (``engines.fsdp2.shard_full_precision_owners``)."""
+        return self.tensors()
+
     def sparsity_value(self) -> float:
         """s as a Python float, read from the buffer only when the buffer changed (no device sync per forward)."""
         key = (id(self.sparsity), self.sparsity._version)
@@ -208,7 +213,7 @@ class SnellLinear(AdaptedModule):
         return tuple(SliceSpec(*self.rows[name], k.sparsity_value()) for name, k in self.kernels.items())
 
     def factor_tensors(self) -> list[torch.Tensor]:
-        return [t for k in self.kernels.values() for t in k.tensors()]
+        return [t for k in self.kernels.values() for t in k()]
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (d_out × d_in, fp32), exactly what the forward adds to W0."""
@@ -239,20 +244,16 @@ class SnellLinear(AdaptedModule):
         return scale.view(batch, *([1] * (delta.ndim - 2)), width)
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         xd = self.dropout(x)
+        deltas = []
         for (name, kernel), spec in zip(self.kernels.items(), self.slice_specs()):
-            delta = checkpoint(_official_delta, xd, spec.sparsity, self.cfg, *kernel.tensors(), use_reentrant=False)
+            delta = checkpoint(_official_delta, xd, spec.sparsity, self.cfg, *kernel(), use_reentrant=False)
             if self.training and self.drop_path > 0:
                 keep = 1.0 - self.drop_path
                 mask = delta.new_empty((delta.shape[0],) + (1,) * (delta.ndim - 1)).bernoulli_(keep).div_(keep)
                 delta = delta * mask
-            start, stop = self.rows[name]
-            if start == 0 and stop == y.shape[-1]:
-                y = y + delta
-            else:
-                y[..., start:stop] += delta
-        return y
+            deltas.append((slice(*self.rows[name]), delta))
+        return add_to_rows(self.base(x), deltas)
 
     def merged(self) -> nn.Linear:
         return merged_linear(self.base, self.delta_weight())

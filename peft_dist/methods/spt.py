@@ -35,7 +35,8 @@ from timm.layers import DropPath
 from torch import nn
 
 from peft_dist.config import ConfigError, check_range
-from peft_dist.methods.base import AdaptedModule, MergeError, Method, adapter_parameters, head_parameters
+from peft_dist.methods.base import (AdaptedModule, MergeError, Method, adapter_parameters, add_to_rows,
+                                    head_parameters)
 from peft_dist.methods.functional.sparse_delta import check_index, compact_index_dtype, sparse_delta_linear
 from peft_dist.methods.lora import merged_linear
 from peft_dist.methods.registry import register_method
@@ -133,12 +134,9 @@ class SPTLinear(AdaptedModule):
             y = F.linear(x, self.base.weight, bias if bias is None else bias.to(self.base.weight.dtype))
         if self.lora_slices:
             xd = self.dropout(x)  # one mask shared by the q/k/v branches (official L337)
-            for name, rows in self.lora_slices.items():
-                delta = self.drop_path[name](F.linear(F.linear(xd, self.lora_A[name]), self.lora_B[name]))
-                if rows.start == 0 and rows.stop == y.shape[-1]:
-                    y = y + delta
-                else:  # y is no autograd-saved tensor, so a slice may be updated in place
-                    y[..., rows] += delta.to(y.dtype)
+            y = add_to_rows(y, [(rows, self.drop_path[name](F.linear(F.linear(xd, self.lora_A[name]),
+                                                                      self.lora_B[name])))
+                                for name, rows in self.lora_slices.items()])
         if self.adapter_slices:
             updates = []
             for name, rows in self.adapter_slices.items():

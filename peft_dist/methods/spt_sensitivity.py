@@ -468,7 +468,7 @@ def run_sensitivity(cfg, args: argparse.Namespace, batches: Iterable | None = No
     process per node writes the identical file.
     """
     from launcher.env import read_dist_env
-    from peft_dist.dist.process_group import destroy_process_group, init_process_group
+    from peft_dist.engines.process_group import destroy_process_group, init_process_group
 
     structured_type = structured_type_for(cfg, args)
     if args.num_batches < 1:

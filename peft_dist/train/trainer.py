@@ -23,8 +23,8 @@ from tqdm import tqdm
 from launcher.env import DistEnv
 from launcher.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
 from peft_dist.config import ConfigError, RunConfig
-from peft_dist.dist import parallelize
-from peft_dist.dist.process_group import all_reduce_sum
+from peft_dist.engines import parallelize
+from peft_dist.engines.process_group import all_reduce_sum
 from peft_dist.memory import MemoryProfiler, MemoryReport
 from peft_dist.memory.profiler import memory_document, memory_metrics
 from peft_dist.methods.base import TrainPlan, count_trainable

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from peft_dist.dist.engine import Engine
+from peft_dist.engines.engine import Engine
 
 
 class DDPEngine(Engine):

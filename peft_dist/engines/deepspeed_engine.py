@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from peft_dist.dist.engine import Engine
+from peft_dist.engines.engine import Engine
 from peft_dist.methods.base import Method
 
 _TAG = "deepspeed"

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from peft_dist.dist.engine import Engine
+from peft_dist.engines.engine import Engine
 
 
 def _mesh(device: torch.device, shard: bool):
@@ -47,17 +47,73 @@ def balanced_placement(shards: int):
     return placement
 
 
+FULL_PRECISION_STRATEGIES = ("auto", "override", "own_group")
+
+
+def supports_dtype_override() -> bool:
+    """torch >= 2.15: ``MixedPrecisionPolicy(param_dtype_override_fn=...)`` keeps chosen parameters in their own dtype
+    inside a block's bf16 all-gather."""
+    import dataclasses
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return "param_dtype_override_fn" in {f.name for f in dataclasses.fields(MixedPrecisionPolicy)}
+
+
+def resolve_full_precision_strategy(strategy: str) -> str:
+    """``auto``: the per-parameter override where torch has it, else each owner module its own fp32 group."""
+    if strategy not in FULL_PRECISION_STRATEGIES:
+        raise ValueError(f"full-precision strategy {strategy!r}; allowed: {', '.join(FULL_PRECISION_STRATEGIES)}")
+    if strategy == "auto":
+        return "override" if supports_dtype_override() else "own_group"
+    if strategy == "override" and not supports_dtype_override():
+        raise RuntimeError(f"FSDP2's param_dtype_override_fn needs torch >= 2.15 (installed: {torch.__version__}); "
+                           "use the own_group strategy")
+    return strategy
+
+
+def shard_full_precision_owners(model: nn.Module, full_precision: list[nn.Parameter], mesh, placement) -> None:
+    """Give every module that owns full-precision parameters its own FSDP2 group with an fp32 policy, so its
+    parameters are gathered in fp32 whatever the enclosing block's policy: the numerics of the per-parameter
+    override, at the cost of one small all-gather per owner. An owner must hand its parameters out through its
+    ``forward`` (SNELL's ``KernelFactors``), where FSDP2's hooks gather them; they stay gathered from forward to
+    backward, since the tensors it returns are used after the call."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    keep = {id(p) for p in full_precision}
+    fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not any(id(p) in keep for _, p in own):
+            continue
+        mixed = [n for n, p in own if id(p) not in keep]
+        if mixed or type(module).forward is nn.Module.forward:
+            why = f"also holds {', '.join(mixed)}" if mixed else "does not return them from forward()"
+            raise RuntimeError(f"{name}: cannot keep its parameters in fp32 under FSDP2's bf16 policy on torch "
+                               f"{torch.__version__}: the module {why}")
+        fully_shard(module, mesh=mesh, mp_policy=fp32, reshard_after_forward=False, shard_placement_fn=placement)
+
+
 def apply_fsdp2(model: nn.Module, device: torch.device, shard: bool, reshard_after_forward: bool,
-                mixed_precision: bool, full_precision: list[nn.Parameter] = ()) -> nn.Module:
-    """``full_precision``: parameters gathered in their own dtype under the bf16 policy (SNELL's kernel factors)."""
+                mixed_precision: bool, full_precision: list[nn.Parameter] = (),
+                full_precision_strategy: str = "auto") -> nn.Module:
+    """``full_precision``: parameters gathered in their own dtype under the bf16 policy (SNELL's kernel factors);
+    ``full_precision_strategy`` says how (see ``resolve_full_precision_strategy``)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = _mesh(device, shard)
     place = balanced_placement(mesh["shard"].size())
-    keep = {id(p) for p in full_precision}
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                  param_dtype_override_fn=lambda p: p.dtype if id(p) in keep else None) \
-        if mixed_precision else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy()
+    if mixed_precision:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if full_precision:
+            strategy = resolve_full_precision_strategy(full_precision_strategy)
+            if strategy == "override":
+                keep = {id(p) for p in full_precision}
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                              param_dtype_override_fn=lambda p: p.dtype if id(p) in keep else None)
+            else:
+                shard_full_precision_owners(model, list(full_precision), mesh, place)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
                     shard_placement_fn=place)

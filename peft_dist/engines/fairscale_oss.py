@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from peft_dist.dist.ddp import DDPEngine
+from peft_dist.engines.ddp import DDPEngine
 
 
 def _import_oss():

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from launcher.env import DistEnv
-from peft_dist.dist.engine import Engine
+from peft_dist.engines.engine import Engine
 
-_ENGINES = {"single": "peft_dist.dist.engine:Engine", "ddp": "peft_dist.dist.ddp:DDPEngine",
-            "fsdp2": "peft_dist.dist.fsdp2:FSDP2Engine", "deepspeed": "peft_dist.dist.deepspeed_engine:DeepSpeedEngine",
-            "fairscale_oss": "peft_dist.dist.fairscale_oss:FairscaleOSSEngine"}
+_ENGINES = {"single": "peft_dist.engines.engine:Engine", "ddp": "peft_dist.engines.ddp:DDPEngine",
+            "fsdp2": "peft_dist.engines.fsdp2:FSDP2Engine", "deepspeed": "peft_dist.engines.deepspeed_engine:DeepSpeedEngine",
+            "fairscale_oss": "peft_dist.engines.fairscale_oss:FairscaleOSSEngine"}
 
 
 def engine_names() -> list[str]:
