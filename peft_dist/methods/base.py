@@ -31,8 +31,9 @@ class TrainPlan:
 def add_to_rows(out: torch.Tensor, deltas: list[tuple[slice, torch.Tensor]]) -> torch.Tensor:
     """``out`` with each ``delta`` added to its rows of the last dimension (q/k/v slices of the fused qkv), out of
     place: one ``torch.cat`` of the untouched gaps and the updated slices, so no zero-padded full-width delta is
-    built. In-place slice updates of a module's output segfault torch 2.14's MemTracker under fake tensors (the
-    memory estimator's trace); out of place costs nothing for backward, since neither add nor cat saves tensors."""
+    built. Out of place because views of ``out`` may be saved by autograd (SPT's sequential adapters read them) and
+    because in-place slice updates of a module's output segfault torch 2.14's MemTracker under fake tensors (the
+    memory estimator's trace); it costs nothing for backward, since neither add nor cat saves tensors."""
     width = out.shape[-1]
     if len(deltas) == 1 and deltas[0][0].start == 0 and deltas[0][0].stop == width:
         return out + deltas[0][1].to(out.dtype)

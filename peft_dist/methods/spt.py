@@ -142,7 +142,7 @@ class SPTLinear(AdaptedModule):
             for name, rows in self.adapter_slices.items():
                 source = x if self.parallel_adapter else self.dropout(y[..., rows])
                 updates.append((rows, self.drop_path[name](self.adapters[name](source))))
-            y = _add_to_rows(y, updates)
+            y = add_to_rows(y, updates)
         return y
 
     def delta_weight(self) -> torch.Tensor:
@@ -177,23 +177,6 @@ class SPTLinear(AdaptedModule):
             r = self.adapters[name].down.out_features
             flops += 2 * d * r * 2
         return flops
-
-
-def _add_to_rows(y: torch.Tensor, updates: list[tuple[slice, torch.Tensor]]) -> torch.Tensor:
-    """``y`` with each update added to its row range, out of place: sequential adapters read views of ``y`` that
-    autograd saved, so ``y`` itself must not change."""
-    width = y.shape[-1]
-    if len(updates) == 1 and updates[0][0].start == 0 and updates[0][0].stop == width:
-        return y + updates[0][1].to(y.dtype)
-    pieces, cursor = [], 0
-    for rows, upd in sorted(updates, key=lambda u: u[0].start):
-        if rows.start > cursor:
-            pieces.append(y[..., cursor:rows.start])
-        pieces.append(y[..., rows] + upd.to(y.dtype))
-        cursor = rows.stop
-    if cursor < width:
-        pieces.append(y[..., cursor:])
-    return torch.cat(pieces, dim=-1)
 
 
 class SPTLayerNorm(AdaptedModule):
