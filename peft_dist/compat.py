@@ -65,6 +65,19 @@ def attach_cuda_oom_observer(callback: Callable[..., Any]) -> None:
     private_attr("torch._C", "_cuda_attach_out_of_memory_observer", "memory.snapshot_on_oom")(callback)
 
 
+def fake_tensor_api(name: str) -> Any:
+    """``FakeTensorMode`` and the exceptions of data-dependent reads, from ``torch._subclasses.fake_tensor``."""
+    return private_attr("torch._subclasses.fake_tensor", name, "the memory estimator")
+
+
+def record_cuda_memory_history(**kwargs: Any) -> None:
+    """Start (``max_entries=N``) or stop (``enabled=None``) the CUDA allocator's history for snapshots."""
+    private_attr("torch.cuda.memory", "_record_memory_history", "memory.snapshot_steps")(**kwargs)
+
+
+def dump_cuda_snapshot(path: str) -> None:
+    private_attr("torch.cuda.memory", "_dump_snapshot", "memory snapshots")(path)
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m peft_dist.compat --check 2.15``: the environment holds that torch minor, inside the supported
     range, and every dependency imports; one line either way (the Makefile runs it after installing)."""

@@ -225,7 +225,10 @@ def apply_engine(model: nn.Module, plan: EnginePlan) -> None:
 def _tracker_classes():
     """MemTracker / FSDPMemTracker with three changes (see the module docstring): frozen-safe gradient hooks, a
     cheap global peak kept per phase, placeholders for data-dependent reads under fake tensors."""
-    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    from peft_dist.compat import fake_tensor_api
+
+    DataDependentOutputException = fake_tensor_api("DataDependentOutputException")
+    DynamicOutputShapeException = fake_tensor_api("DynamicOutputShapeException")
     from peft_dist.compat import private_attr
 
     feature = "the memory estimator"
@@ -367,11 +370,12 @@ def trace_step(cfg: RunConfig, plan: EnginePlan, *, fake: bool = True, steps: in
     """Build the model of ``cfg`` (fake or real CPU tensors), apply the engine, create the optimizer state, then track
     ``steps`` training steps and one evaluation forward (``eval_batch_size`` images; 0 skips it). Needs the process
     group of ``plan`` (see :func:`fake_process_group`) for fsdp2."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    from peft_dist.compat import fake_tensor_api
     from peft_dist.engines.engine import build_optimizer
     from peft_dist.methods.base import TrainPlan
     from peft_dist.train.trainer import build_model
+
+    FakeTensorMode = fake_tensor_api("FakeTensorMode")
 
     Tracker, ShardedTracker = _tracker_classes()
     fake_mode = FakeTensorMode() if fake else None

@@ -34,6 +34,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from peft_dist import compat
+
 PHASES = ("forward", "backward", "optimizer", "eval")
 MEMORY_SCHEMA = "peft-dist/memory-report/v2"
 CATEGORIES = ("params_frozen", "params_trainable", "buffers", "grads", "optimizer_state", "activations")
@@ -147,12 +149,10 @@ class MemoryProfiler:
         self._oom_dumped = False
         if self.enabled and self.cuda and self.out_dir is not None:
             if self.snapshot_steps > 0:
-                torch.cuda.memory._record_memory_history(max_entries=self.snapshot_max_entries)
+                compat.record_cuda_memory_history(max_entries=self.snapshot_max_entries)
                 self.recording = True
             if getattr(config, "snapshot_on_oom", False):
-                from peft_dist.compat import attach_cuda_oom_observer
-
-                attach_cuda_oom_observer(self._on_oom)
+                compat.attach_cuda_oom_observer(self._on_oom)
 
     # ------------------------------------------------------------------ measuring
     @contextlib.contextmanager
@@ -174,7 +174,7 @@ class MemoryProfiler:
             self.steps_seen += 1
             if self.recording and self.steps_seen >= self.snapshot_steps:
                 self.dump_snapshot(f"rank{self.rank}_first{self.snapshot_steps}steps")
-                torch.cuda.memory._record_memory_history(enabled=None)
+                compat.record_cuda_memory_history(enabled=None)
                 self.recording = False
 
     def capture_state(self, model: nn.Module, optimizer: Any) -> None:
@@ -195,7 +195,7 @@ class MemoryProfiler:
         if self.cuda and self.enabled:
             if self.recording:  # the run was shorter than snapshot_steps: keep what was recorded
                 self.dump_snapshot(f"rank{self.rank}_first{self.steps_seen}steps")
-                torch.cuda.memory._record_memory_history(enabled=None)
+                compat.record_cuda_memory_history(enabled=None)
                 self.recording = False
             phases = r.phase_peak_allocated_bytes
             r.peak_allocated_bytes = max(phases.values()) if phases else torch.cuda.max_memory_allocated(self.device)
@@ -214,7 +214,7 @@ class MemoryProfiler:
         folder = self.out_dir / "memory_snapshots"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{stem}.pickle"
-        torch.cuda.memory._dump_snapshot(str(path))
+        compat.dump_cuda_snapshot(str(path))
         self.report.snapshot_files.append(str(path))
         return path
 
