@@ -142,3 +142,24 @@ def test_adapter_cannot_merge():
     peft_dist.apply_method(model, "adapter")
     with pytest.raises(MergeError, match="MlpWithAdapter cannot be merged"):
         peft_dist.merge(model)
+
+
+def test_add_to_rows_equals_in_place_slice_updates_in_value_and_gradient():
+    """The out-of-place row update (gaps kept, slices in any order) against the in-place reference in fp64."""
+    from peft_dist.methods.base import add_to_rows
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(2, 3, 10, dtype=torch.float64, generator=g, requires_grad=True)
+    deltas = [(slice(6, 9), torch.randn(2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)),
+              (slice(1, 4), torch.randn(2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True))]
+    weight = torch.randn(2, 3, 10, dtype=torch.float64, generator=g)
+    got = add_to_rows(out, deltas)
+    expected = out.clone()
+    for rows, delta in deltas:
+        expected[..., rows] += delta
+    assert torch.equal(got, expected)
+    grads = torch.autograd.grad((got * weight).sum(), [out, *(d for _, d in deltas)])
+    reference = torch.autograd.grad((expected * weight).sum(), [out, *(d for _, d in deltas)])
+    assert all(torch.equal(a, b) for a, b in zip(grads, reference))
+    with pytest.raises(ValueError, match="row slices overlap at 2"):
+        add_to_rows(out, [(slice(0, 3), deltas[0][1]), (slice(2, 5), deltas[1][1])])

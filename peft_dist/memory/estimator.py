@@ -225,12 +225,10 @@ def apply_engine(model: nn.Module, plan: EnginePlan) -> None:
 def _tracker_classes():
     """MemTracker / FSDPMemTracker with three changes (see the module docstring): frozen-safe gradient hooks, a
     cheap global peak kept per phase, placeholders for data-dependent reads under fake tensors."""
-    from peft_dist.compat import fake_tensor_api
+    from peft_dist.compat import fake_tensor_api, private_attr
 
     DataDependentOutputException = fake_tensor_api("DataDependentOutputException")
     DynamicOutputShapeException = fake_tensor_api("DynamicOutputShapeException")
-    from peft_dist.compat import private_attr
-
     feature = "the memory estimator"
     FSDPMemTracker = private_attr("torch.distributed._tools.fsdp2_mem_tracker", "FSDPMemTracker", feature)
     MemTracker = private_attr("torch.distributed._tools.mem_tracker", "MemTracker", feature)
