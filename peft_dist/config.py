@@ -79,9 +79,18 @@ class DataConfig:
     """Per-channel normalisation std (ImageNet's by default; the IN-21k ViTs use 0.5, 0.5, 0.5)."""
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
     """Resampling filter of the resize / random-resized-crop transforms."""
+    sampling: Literal["auto", "exact", "resampled"] = "auto"
+    """``exact`` (what ``auto`` means for shards written by ``peft-dist shards``, whose sample counts are known):
+    every epoch draws each training sample once, from a permutation seeded by ``train.seed`` and the epoch, dealt
+    over the ranks like torch's DistributedSampler and read by index. ``resampled``: streaming for web-scale shards
+    without an index — endless epoch-seeded passes over the shards, each rank cut at its share of batches, so a
+    sample may be drawn twice or not at all in an epoch (sampling with replacement at the shard level)."""
+    remainder: Literal["pad", "drop"] = "pad"
+    """Exact sampling when the split does not divide by the world size: ``pad`` repeats the first samples of the
+    epoch's permutation (counted in the summary), ``drop`` leaves the last ones out of that epoch."""
     shuffle_buffer: int = 1000
-    """Train samples shuffled together (per loader worker, capped at what the worker yields in an epoch);
-    0 or 1 reads each shard in its stored order."""
+    """``resampled`` only: train samples shuffled together (per loader worker, capped at what the worker yields in
+    an epoch); 0 or 1 reads each shard in its stored order."""
     skip_corrupt: bool = False
     """Skip (and count) samples whose image bytes or label cannot be decoded instead of failing."""
     synthetic_samples: int = 256

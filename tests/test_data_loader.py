@@ -73,9 +73,11 @@ def labels_of(batches) -> list[int]:
     return out
 
 
-def test_unequal_shards_give_equal_batches_per_rank_and_cover_each_epoch(id_shards):
+def test_resampled_unequal_shards_give_equal_batches_per_rank_and_cover_each_epoch(id_shards):
+    """``data.sampling: resampled`` (streaming without an index): full batches on every rank, an epoch misses at
+    most the one shard it reads partly."""
     path, shard_of = id_shards
-    cfg = cfg_for(path, num_workers=2)
+    cfg = cfg_for(path, num_workers=2, sampling="resampled")
     loaders = [build_train_loader(cfg, rank=r, world_size=3, seed=0) for r in range(3)]
     assert [ld.batches_per_epoch for ld in loaders] == [11] * 3  # ceil(250 / (8 * 3))
     assert all(len(ld) == 11 and ld.num_samples == 250 and ld.info.num_classes == 250 for ld in loaders)
@@ -97,9 +99,10 @@ def test_unequal_shards_give_equal_batches_per_rank_and_cover_each_epoch(id_shar
     assert union == set(range(N_SAMPLES))  # within three epochs every sample is drawn
 
 
-def test_train_stream_is_seeded_and_ignores_rank_environment(id_shards, monkeypatch):
+@pytest.mark.parametrize("sampling", ["exact", "resampled"])
+def test_train_stream_is_seeded_and_ignores_rank_environment(id_shards, monkeypatch, sampling):
     path, _ = id_shards
-    cfg = cfg_for(path, num_workers=2)
+    cfg = cfg_for(path, num_workers=2, sampling=sampling)
 
     def epoch_of(rank, epoch, seed=3):
         loader = build_train_loader(cfg, rank=rank, world_size=3, seed=seed)
@@ -231,7 +234,7 @@ def test_skip_corrupt_counts_the_truncated_jpeg(jpeg_folder):
     write_shards(f"folder:{jpeg_folder / 'src'}", jpeg_folder / "shards", shard_size=5)
     cfg = cfg_for(jpeg_folder / "shards", eval_split="train", batch_size=4, skip_corrupt=True, num_workers=1)
     batches = list(build_eval_loader(cfg, 0, 1))
-    assert sum(b.skipped for b in batches) == 1
+    assert sum(len(b.skipped) for b in batches) == 1
     assert sum(len(b.labels) for b in batches) == 11
 
     # one shard, read in stored order, one 12-sample batch: the stream reads all 12 (11 good), then the next pass
@@ -240,9 +243,15 @@ def test_skip_corrupt_counts_the_truncated_jpeg(jpeg_folder):
     with tarfile.open(jpeg_folder / "one" / "train-000000.tar") as tar:
         keys = [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".cls")]
     position = next(i for i, k in enumerate(keys) if k.endswith("_b_img_3"))
-    cfg = cfg_for(jpeg_folder / "one", batch_size=12, skip_corrupt=True, shuffle_buffer=0)
+    cfg = cfg_for(jpeg_folder / "one", batch_size=12, skip_corrupt=True, shuffle_buffer=0, sampling="resampled")
     (batch,) = list(build_train_loader(cfg, 0, 1, seed=0))
-    assert len(batch.labels) == 12 and batch.skipped == 1 + (position == 0)
+    assert len(batch.labels) == 12 and len(batch.skipped) == 1 + (position == 0)
+    assert len(set(batch.skipped)) == 1  # the same sample met twice has one id: the trainer counts it once
+
+    # exact sampling: one epoch, each sample once, the broken one skipped and counted once
+    cfg = cfg_for(jpeg_folder / "one", batch_size=12, skip_corrupt=True)
+    (batch,) = list(build_train_loader(cfg, 0, 1, seed=0))
+    assert len(batch.labels) == 11 and len(batch.skipped) == 1
 
 
 class TouchOnUnpickle:
@@ -295,13 +304,13 @@ def test_eval_counts_corrupt_samples_after_the_last_good_one(tmp_path):
     write_raw_shard(tmp_path / "shards", good + bad, num_classes=10)
     cfg = cfg_for(tmp_path / "shards", eval_split="train", eval_batch_size=2, skip_corrupt=True)
     batches = list(build_eval_loader(cfg, 0, 1))
-    assert [len(b.labels) for b in batches] == [2, 2, 1] and [b.skipped for b in batches] == [0, 0, 3]
+    assert [len(b.labels) for b in batches] == [2, 2, 1] and [len(b.skipped) for b in batches] == [0, 0, 3]
     # two ranks over [no_label, bad_label, out_of_range, s0]: rank 0 owns the first two (both corrupt), rank 1 the rest
     write_raw_shard(tmp_path / "rev", bad + good[:1], num_classes=10)
     cfg = cfg_for(tmp_path / "rev", eval_split="train", eval_batch_size=2, skip_corrupt=True)
     rank0, rank1 = (list(build_eval_loader(cfg, r, 2)) for r in range(2))
-    assert [b.skipped for b in rank0] == [2] and rank0[0].images.shape == (0, 3, 8, 8)  # all corrupt: empty batch
-    assert [b.skipped for b in rank1] == [1] and rank1[0].labels.tolist() == [0]
+    assert [len(b.skipped) for b in rank0] == [2] and rank0[0].images.shape == (0, 3, 8, 8)  # all corrupt: empty
+    assert [len(b.skipped) for b in rank1] == [1] and rank1[0].labels.tolist() == [0]
     cfg.skip_corrupt = False
     with pytest.raises(CorruptSampleError, match=r"corrupt sample 'no_label' in shard .*: no \.cls member"):
         list(build_eval_loader(cfg, 0, 1))

@@ -1,6 +1,14 @@
-"""Streaming loaders over the tar shards of ``peft-dist shards`` (spec ecosystem §5, webdataset 1.0.2 traps).
+"""Loaders over the tar shards of ``peft-dist shards`` (spec ecosystem §5, webdataset 1.0.2 traps).
 
-Training — equal batch counts on every rank, whatever the shard sizes
+Training, ``data.sampling: exact`` (the default) — every sample once per epoch
+    Each epoch is a permutation of all sample indices of the split, seeded by ``(seed, epoch)`` and dealt over the
+    ranks as torch's ``DistributedSampler`` deals it (``epoch_indices``: padded with the permutation's first indices,
+    or its tail dropped, so that every rank gets the same count and the same number of batches — no collective can
+    hang). Samples are read by index (``peft_dist.data.indexed``), so one shard or thousands, any world size and any
+    worker count give the same epoch; batch ``b`` of a rank is a function of ``(seed, epoch, rank, b)`` alone, and
+    a resumed epoch starts at its batch without reading the ones before. The last batch of an epoch may be short.
+
+Training, ``data.sampling: resampled`` — streaming, equal batch counts on every rank, whatever the shard sizes
     ``split_by_node`` over 7 unequal shards gives ranks 14/10/10 batches and a collective-based trainer hangs
     (spec §5). So every loader worker reads an *endless* shard stream and ``WebLoader(...).with_epoch(n)`` cuts the
     rank's epoch at ``n = batches_per_epoch = ceil(num_train_samples / (batch_size * world_size))`` batches
@@ -43,6 +51,7 @@ import hashlib
 import itertools
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
@@ -51,6 +60,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from peft_dist.data.indexed import IndexedSplit
 from peft_dist.data.info import CorruptSampleError, DataError, DatasetInfo, read_info
 from peft_dist.data.transforms import KEPT_MEMBERS, build_transform, decode_sample
 
@@ -62,8 +72,9 @@ class Batch(NamedTuple):
     """``FloatTensor[N, 3, img_size, img_size]``, normalised."""
     labels: torch.Tensor
     """``LongTensor[N]``."""
-    skipped: int
-    """Corrupt samples the producing worker dropped since its previous batch (0 unless ``skip_corrupt``)."""
+    skipped: tuple[int, ...]
+    """Ids (``sample_id``) of the corrupt samples the producing worker dropped since its previous batch (none
+    unless ``skip_corrupt``): ids, so that a sample met in several epochs or evaluations is counted once."""
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -72,6 +83,11 @@ def derive_seed(*parts: Any) -> int:
     unlike ``hash``, and well mixed, unlike ``seed + epoch + rank``."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sample_id(shard: str, key: str) -> int:
+    """A stable 63-bit id of one sample (its shard's file name and its key), the same in every loader."""
+    return derive_seed("sample", os.path.basename(shard), key)
 
 
 def worker_slot() -> tuple[int, int]:
@@ -175,7 +191,8 @@ def batches_of(samples: Iterator[dict[str, Any]], decoder: SampleDecoder, batch_
     corrupt samples after the last good one join the final batch's count, and a worker whose samples are all
     corrupt yields one empty batch carrying it."""
     scope = rng.active if rng is not None else contextlib.nullcontext
-    skipped = corrupt_in_a_row = 0
+    skipped: list[int] = []
+    corrupt_in_a_row = 0
     held: Batch | None = None
     while True:
         images: list[torch.Tensor] = []
@@ -188,7 +205,7 @@ def batches_of(samples: Iterator[dict[str, Any]], decoder: SampleDecoder, batch_
                     if not decoder.skip_corrupt:
                         raise
                     log.warning("skipping corrupt sample %r in shard %s: %s", e.key, e.shard, e.reason)
-                    skipped += 1
+                    skipped.append(sample_id(str(e.shard), str(e.key)))
                     corrupt_in_a_row += 1
                     if corrupt_in_a_row > split_samples:
                         raise DataError(f"no decodable sample among {corrupt_in_a_row} in a row; last: {e}") from None
@@ -200,8 +217,8 @@ def batches_of(samples: Iterator[dict[str, Any]], decoder: SampleDecoder, batch_
                     break
         ended = len(images) < batch_size
         if images:
-            batch = Batch(torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped)
-            skipped = 0
+            batch = Batch(torch.stack(images), torch.tensor(labels, dtype=torch.long), tuple(skipped))
+            skipped = []
             if not finite:
                 yield batch
             else:
@@ -210,9 +227,9 @@ def batches_of(samples: Iterator[dict[str, Any]], decoder: SampleDecoder, batch_
                 held = batch
         if ended:
             if held is not None:
-                yield held._replace(skipped=held.skipped + skipped)
+                yield held._replace(skipped=held.skipped + tuple(skipped))
             elif skipped:
-                yield Batch(torch.empty(0, *decoder.image_shape), torch.empty(0, dtype=torch.long), skipped)
+                yield Batch(torch.empty(0, *decoder.image_shape), torch.empty(0, dtype=torch.long), tuple(skipped))
             return
 
 
@@ -222,9 +239,11 @@ class TrainStream(IterableDataset):
     see the module doc."""
 
     def __init__(self, shards: list[str], num_samples: int, decoder: SampleDecoder, batch_size: int,
-                 batches_per_epoch: int, rank: int, world_size: int, seed: int, shuffle_buffer: int):
+                 batches_per_epoch: int, rank: int, world_size: int, seed: int, shuffle_buffer: int,
+                 shard_lengths: list[int] | None = None):
         super().__init__()
         self.shards, self.num_samples, self.decoder = shards, num_samples, decoder
+        self.shard_lengths = shard_lengths
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
         self.epoch = 0
@@ -235,11 +254,14 @@ class TrainStream(IterableDataset):
         for position, shard in enumerate(positions):
             if position % global_workers != global_worker:
                 continue
-            found = False
+            count = 0
             for sample in read_shard(self.shards[shard]):
-                found = True
+                count += 1
                 yield sample
-            shards_without_samples = 0 if found else shards_without_samples + 1
+            if self.shard_lengths is not None and count != self.shard_lengths[shard]:
+                raise DataError(f"shard {self.shards[shard]} holds {count} samples but _info.json lists "
+                                f"{self.shard_lengths[shard]}; rewrite the shards with `peft-dist shards`")
+            shards_without_samples = 0 if count else shards_without_samples + 1
             if shards_without_samples > len(self.shards):
                 raise DataError(f"the training shards hold no samples ({self.shards[0]} ...)")
 
@@ -257,6 +279,82 @@ class TrainStream(IterableDataset):
         # DataLoader ends exactly there and no worker decodes prefetched batches that with_epoch would discard.
         # with_epoch stays as the guarantee of the count.
         yield from itertools.islice(batches, my_batches)
+
+
+def epoch_indices(num_samples: int, seed: int, epoch: int, rank: int, world_size: int, remainder: str) -> list[int]:
+    """This rank's sample indices for one epoch, as torch's ``DistributedSampler`` deals them: a permutation of all
+    ``num_samples`` seeded by ``(seed, epoch)``, made divisible by the world size (``pad``: the first indices of the
+    permutation repeated; ``drop``: its tail left out), then every ``world_size``-th index from ``rank``."""
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(derive_seed("exact", seed, epoch)))
+    order = order.tolist()
+    if remainder == "pad":
+        total = math.ceil(num_samples / world_size) * world_size
+        while len(order) < total:
+            order += order[:total - len(order)]
+    else:
+        total = num_samples // world_size * world_size
+        order = order[:total]
+    return order[rank:total:world_size]
+
+
+def padded_per_epoch(num_samples: int, world_size: int, remainder: str) -> int:
+    """Samples drawn twice (``pad``) or not at all (``drop``, negative) in each epoch over all ranks."""
+    per_rank = math.ceil(num_samples / world_size) if remainder == "pad" else num_samples // world_size
+    return per_rank * world_size - num_samples
+
+
+class ExactTrainStream(IterableDataset):
+    """One rank's epoch under ``data.sampling: exact``: the rank's share of the epoch's permutation, read by index
+    (``IndexedSplit``), cut into batches ``0 .. batches_per_epoch - 1``. Batch ``b`` goes to loader worker
+    ``b mod W``, the order in which the DataLoader takes them, so the stream is the same for any worker count; its
+    augmentation RNG is seeded by ``(seed, epoch, rank, b)`` for the same reason. ``start_batch`` resumes an epoch
+    without reading what came before."""
+
+    def __init__(self, split: IndexedSplit, decoder: SampleDecoder, batch_size: int, rank: int, world_size: int,
+                 seed: int, remainder: str):
+        super().__init__()
+        self.split, self.decoder, self.batch_size = split, decoder, batch_size
+        self.rank, self.world_size, self.seed, self.remainder = rank, world_size, seed, remainder
+        self.num_samples = split.num_samples
+        self.epoch = self.start_batch = 0
+        per_rank = len(self.rank_indices())
+        if per_rank == 0:
+            raise DataError(f"data.remainder=drop leaves no sample per rank: {self.num_samples} samples over "
+                            f"{world_size} ranks")
+        self.batches_per_epoch = math.ceil(per_rank / batch_size)
+        self.padded_samples_per_epoch = padded_per_epoch(self.num_samples, world_size, remainder)
+
+    def rank_indices(self) -> list[int]:
+        """This rank's sample indices of the current epoch, in the order they are batched."""
+        return epoch_indices(self.num_samples, self.seed, self.epoch, self.rank, self.world_size, self.remainder)
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker, workers = worker_slot()
+        indices = self.rank_indices()
+        try:
+            for b in range(self.start_batch + worker, self.batches_per_epoch, workers):
+                chunk = indices[b * self.batch_size:(b + 1) * self.batch_size]
+                rng = RngScope(derive_seed("augment", self.seed, self.epoch, self.rank, b))
+                batch = next(batches_of((self.split.read(i) for i in chunk), self.decoder, len(chunk),
+                                        self.num_samples, rng, finite=True), None)
+                yield batch if batch is not None else Batch(torch.empty(0, *self.decoder.image_shape),
+                                                            torch.empty(0, dtype=torch.long), ())
+        finally:
+            self.split.close()
+
+
+class OrderedStream(ExactTrainStream):
+    """The first ``num_batches`` global batches of a split in file order (``build_ordered_loader``)."""
+
+    def __init__(self, split: IndexedSplit, decoder: SampleDecoder, batch_size: int, rank: int, world_size: int,
+                 num_batches: int):
+        self.num_batches = num_batches
+        super().__init__(split, decoder, batch_size, rank, world_size, seed=0, remainder="drop")
+        self.padded_samples_per_epoch = 0
+
+    def rank_indices(self) -> list[int]:
+        first, stride = self.rank * self.batch_size, self.batch_size * self.world_size
+        return [b * stride + first + i for b in range(self.num_batches) for i in range(self.batch_size)]
 
 
 def global_range(global_worker: int, global_workers: int, total: int) -> tuple[int, int]:
@@ -301,15 +399,19 @@ class EvalStream(IterableDataset):
 
 # ----------------------------------------------------------------------------------------------- loaders
 class TrainLoader:
-    """Iterate for one epoch of exactly ``batches_per_epoch`` :class:`Batch` es; call ``set_epoch(e)`` first."""
+    """Iterate for one epoch of exactly ``batches_per_epoch`` :class:`Batch` es; call ``set_epoch(e)`` first
+    (``set_epoch(e, start_batch=k)`` resumes at batch ``k``)."""
 
-    def __init__(self, stream: TrainStream, num_workers: int, info: DatasetInfo, split: str):
+    def __init__(self, stream: TrainStream | ExactTrainStream, num_workers: int, info: DatasetInfo, split: str):
         import webdataset as wds
 
         self.stream, self.info, self.split = stream, info, split
         self.num_workers = num_workers
         self.batches_per_epoch = stream.batches_per_epoch
         self.num_samples = stream.num_samples
+        self.sampling = "exact" if isinstance(stream, ExactTrainStream) else "resampled"
+        self.padded_samples_per_epoch = getattr(stream, "padded_samples_per_epoch", 0)
+        self.start_batch = 0
         # batch_size=None: the stream already batches; persistent_workers=False so each epoch's workers are
         # started with the epoch set by set_epoch (persistent ones would keep the first epoch's seed). A private
         # generator: DataLoader otherwise draws its workers' base seed from the caller's global torch RNG.
@@ -321,11 +423,21 @@ class TrainLoader:
     def epoch(self) -> int:
         return self.stream.epoch
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Exact sampling seeks to ``start_batch`` without reading the batches before it; resampled streaming
+        has no index to seek by, so it decodes and drops them (the same batches follow either way)."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_per_epoch}")
         self.stream.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+        if isinstance(self.stream, ExactTrainStream):
+            self.stream.start_batch = self.start_batch
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(self.loader)
+        batches = iter(self.loader)
+        if isinstance(self.stream, ExactTrainStream):
+            return itertools.islice(batches, self.batches_per_epoch - self.start_batch)
+        return itertools.islice(batches, self.start_batch, None)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -372,11 +484,36 @@ def build_train_loader(cfg, rank: int, world_size: int, seed: int):
     split = info.split(cfg.train_split)
     if split.num_samples == 0:
         raise DataError(f"split {cfg.train_split!r} of {cfg.path} has no samples")
-    batches = math.ceil(split.num_samples / (cfg.batch_size * world_size))
     decoder = SampleDecoder(info.num_classes, build_transform(cfg, train=True), cfg.skip_corrupt,
                             (3, cfg.img_size, cfg.img_size))
-    stream = TrainStream([str(p) for p in info.shard_paths(cfg.train_split)], split.num_samples, decoder,
-                         cfg.batch_size, batches, rank, world_size, seed, cfg.shuffle_buffer)
+    shards = [str(p) for p in info.shard_paths(cfg.train_split)]
+    if cfg.sampling == "resampled":
+        batches = math.ceil(split.num_samples / (cfg.batch_size * world_size))
+        stream = TrainStream(shards, split.num_samples, decoder, cfg.batch_size, batches, rank, world_size, seed,
+                             cfg.shuffle_buffer, split.shard_lengths)
+    else:  # exact (also auto: our shards always list their sample counts)
+        stream = ExactTrainStream(IndexedSplit.build(shards, split.shard_lengths), decoder, cfg.batch_size, rank,
+                                  world_size, seed, cfg.remainder)
+    return TrainLoader(stream, cfg.num_workers, info, cfg.train_split)
+
+
+def build_ordered_loader(cfg, rank: int, world_size: int, num_batches: int):
+    """The first ``num_batches`` global batches of the train split in file order (SPT's sensitivity pass, spec
+    spt_arc_hta.md §1.2: the first 16 × 32 images): global batch ``b`` holds samples ``b·G .. (b+1)·G − 1`` with
+    ``G = batch_size × world_size``, and this rank takes its contiguous ``batch_size`` of them, whatever the world
+    size and worker count."""
+    check_rank(rank, world_size)
+    cfg.require_path()
+    info = read_info(cfg.path)
+    split = info.split(cfg.train_split)
+    global_batch = cfg.batch_size * world_size
+    if num_batches * global_batch > split.num_samples:
+        raise DataError(f"split {cfg.train_split!r} of {cfg.path} holds {split.num_samples} samples; "
+                        f"{num_batches} batches of {global_batch} need {num_batches * global_batch}")
+    decoder = SampleDecoder(info.num_classes, build_transform(cfg, train=True), cfg.skip_corrupt,
+                            (3, cfg.img_size, cfg.img_size))
+    indexed = IndexedSplit.build([str(p) for p in info.shard_paths(cfg.train_split)], split.shard_lengths)
+    stream = OrderedStream(indexed, decoder, cfg.batch_size, rank, world_size, num_batches)
     return TrainLoader(stream, cfg.num_workers, info, cfg.train_split)
 
 

@@ -38,7 +38,7 @@ class SyntheticData:
 
     def batch(self, split: str, indices: list[int]) -> Batch:
         pairs = [self.sample(split, i) for i in indices]
-        return Batch(torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs], dtype=torch.long), 0)
+        return Batch(torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs], dtype=torch.long), ())
 
 
 def synthetic_info(cfg) -> DatasetInfo:
@@ -53,10 +53,11 @@ class SyntheticTrainLoader:
         self.rank, self.world_size, self.seed, self.batch_size = rank, world_size, seed, cfg.batch_size
         self.num_samples = cfg.synthetic_samples
         self.batches_per_epoch = math.ceil(self.num_samples / (self.batch_size * world_size))
-        self.epoch = 0
+        self.epoch = self.start_batch = 0
+        self.sampling = "synthetic"
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -64,7 +65,7 @@ class SyntheticTrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         g = torch.Generator().manual_seed(derive_seed("synthetic-order", self.seed, self.epoch))
         order = torch.randperm(self.num_samples, generator=g).tolist()
-        for b in range(self.batches_per_epoch):
+        for b in range(self.start_batch, self.batches_per_epoch):
             first = (b * self.world_size + self.rank) * self.batch_size
             yield self.data.batch(self.split, [order[i % self.num_samples]
                                                for i in range(first, first + self.batch_size)])

@@ -37,6 +37,21 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def distinct_over_ranks(ids: set[int], device: torch.device) -> set[int]:
+    """The union of every rank's ``ids`` (63-bit integers), gathered as tensors (identity on one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return set(ids)
+    mine = torch.tensor(sorted(ids), dtype=torch.int64, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([mine.numel()], dtype=torch.int64, device=device))
+    longest = max(int(n) for n in sizes)
+    padded = torch.zeros(longest, dtype=torch.int64, device=device)
+    padded[:mine.numel()] = mine
+    gathered = [torch.empty(longest, dtype=torch.int64, device=device) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return {int(i) for t, n in zip(gathered, sizes) for i in t[:int(n)].tolist()}
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few scalars over all ranks (identity on one process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -461,8 +461,10 @@ def run_sensitivity(cfg, args: argparse.Namespace, batches: Iterable | None = No
     """``peft-dist sensitivity``: sensitivity pass + sweep + allocation file; prints the per-op tables.
 
     The backbone is built like the trainer builds it (``train.seed`` seeds the random head, spec §5.1 item 5) and
-    ``model.drop_path_rate`` applies (the official pass uses 0.1). ``batches`` defaults to the data package's train
-    loader for this rank. Started by torchrun (or ``peft-dist launch``), the command joins the process group itself;
+    ``model.drop_path_rate`` applies (the official pass uses 0.1). ``batches`` defaults to the
+    subset in file order: the first ``num_batches`` global batches of the split (the official 16 × 32 = 512
+    images), each rank its contiguous slice of every global batch, whatever the world size and worker count.
+    Started by torchrun (or ``peft-dist launch``), the command joins the process group itself;
     every rank contributes its share of each global batch (``data.batch_size`` per rank, so use 32/world for the
     official 32-image batches) and ends with the same scores; rank 0 builds the document, broadcasts it, and one
     process per node writes the identical file.
@@ -494,10 +496,14 @@ def _sensitivity(cfg, args: argparse.Namespace, batches: Iterable | None, struct
     model = create_backbone(cfg.model.name, cfg.model.num_classes, cfg.model.checkpoint,
                             drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
     model.to(device)
-    if batches is None:
+    if batches is None and cfg.data.source == "synthetic":
         from peft_dist.data import build_train_loader
 
         batches = build_train_loader(cfg.data, rank, world, cfg.train.seed)
+    elif batches is None:  # the first num_batches x global batch samples in file order (spec §1.2)
+        from peft_dist.data.loader import build_ordered_loader
+
+        batches = build_ordered_loader(cfg.data, rank, world, args.num_batches)
     scores = compute_sensitivity(model, batches, args.num_batches, score=args.score, device=device)
     doc = None
     if rank == 0:

@@ -24,7 +24,7 @@ from launcher.env import DistEnv
 from launcher.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
 from peft_dist.config import ConfigError, RunConfig
 from peft_dist.engines import parallelize
-from peft_dist.engines.process_group import all_reduce_sum
+from peft_dist.engines.process_group import all_reduce_sum, distinct_over_ranks
 from peft_dist.memory import MemoryProfiler, MemoryReport
 from peft_dist.memory.profiler import memory_document, memory_metrics
 from peft_dist.methods.base import TrainPlan, count_trainable
@@ -65,11 +65,12 @@ def save_adapters(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     os.replace(tmp, path)
 
 
-def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Loader batches are ``Batch(images, labels, skipped)``; plain ``(images, labels)`` pairs are accepted too."""
+def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Loader batches are ``Batch(images, labels, skipped sample ids)``; plain ``(images, labels)`` pairs are
+    accepted too."""
     if len(batch) == 3:
-        return batch[0], batch[1], int(batch[2])
-    return batch[0], batch[1], 0
+        return batch[0], batch[1], tuple(batch[2])
+    return batch[0], batch[1], ()
 
 
 def _batches_per_epoch(loader: Iterable) -> int:
@@ -108,7 +109,7 @@ class Trainer:
         tags = {"world_size": str(env.world_size), "engine": cfg.dist.engine, "method": cfg.method.name,
                 "backend": "nccl" if device.type == "cuda" else "gloo", "model": cfg.model.name}
         self.tracker = make_tracker(cfg, env.is_main, tags)
-        self.skipped = 0
+        self.skipped: set[int] = set()
         self.images_seen = 0
         self.start_step = 0
         self.eval_history: list[dict[str, float]] = []
@@ -122,7 +123,7 @@ class Trainer:
         self.start_step = int(state["step"])
         self.engine.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
-        self.skipped, self.images_seen = int(state["skipped"]), int(state["images_seen"])
+        self.skipped, self.images_seen = {int(i) for i in state["skipped"]}, int(state["images_seen"])
         if self.env.is_main:
             self.truncate_metrics(self.start_step)
             print(f"resumed from {path} at step {self.start_step}")
@@ -137,7 +138,7 @@ class Trainer:
     def save(self, step: int) -> Path:
         """A complete checkpoint after ``step`` optimizer steps (every rank calls this)."""
         state = {"step": step, "scheduler": self.engine.scheduler.state_dict(), "method": self.method.state_dict(),
-                 "skipped": self.skipped, "images_seen": self.images_seen}
+                 "skipped": sorted(self.skipped), "images_seen": self.images_seen}
         return save_checkpoint(self.engine, self.out_dir, step, state, keep=self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------ the loop
@@ -219,11 +220,14 @@ class Trainer:
         a resumed run skips exactly what the interrupted one consumed, so it sees the same data afterwards."""
         per_epoch = _batches_per_epoch(self.train_loader)
         epoch, skip = divmod(start, per_epoch)
+        seeks = hasattr(self.train_loader, "start_batch")  # the data package's loaders resume an epoch themselves
         while True:
-            if hasattr(self.train_loader, "set_epoch"):
+            if seeks:
+                self.train_loader.set_epoch(epoch, start_batch=skip)
+            elif hasattr(self.train_loader, "set_epoch"):
                 self.train_loader.set_epoch(epoch)
             for i, batch in enumerate(self.train_loader):
-                if i >= skip:
+                if seeks or i >= skip:
                     yield _unpack(batch)
             epoch, skip = epoch + 1, 0
 
@@ -239,7 +243,7 @@ class Trainer:
         loss_sum, images = 0.0, 0
         for micro in range(accum):
             x, y, skipped = next(batches)
-            self.skipped += skipped
+            self.skipped.update(skipped)
             loss = self.engine.forward_backward(x, y, sync=micro == accum - 1)
             loss_sum += float(loss)
             images += y.shape[0]
@@ -260,7 +264,7 @@ class Trainer:
         with self.profiler.phase("eval"):
             for batch in self.eval_batches():
                 x, y, skipped = _unpack(batch)
-                self.skipped += skipped
+                self.skipped.update(skipped)
                 pred = self.engine.predict(x).argmax(dim=-1).cpu()
                 correct += int((pred[:y.numel()] == y).sum())
                 total += int(y.numel())
@@ -275,7 +279,7 @@ class Trainer:
             yield from self.eval_loader
             return
         size = getattr(getattr(self.engine.module, "patch_embed", None), "img_size", (self.cfg.data.img_size,) * 2)
-        dummy = (torch.zeros(1, 3, *size), torch.zeros(0, dtype=torch.long), 0)
+        dummy = (torch.zeros(1, 3, *size), torch.zeros(0, dtype=torch.long), ())
         batches = iter(self.eval_loader)
         while True:
             batch = next(batches, None)
@@ -288,7 +292,8 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     def finish(self, top1: float, train_time: float) -> dict[str, Any]:
         cfg = self.cfg
-        images_total, skipped = all_reduce_sum([self.images_seen, self.skipped], self.device)
+        images_total, = all_reduce_sum([self.images_seen], self.device)
+        skipped = len(distinct_over_ranks(self.skipped, self.device))
         memory = self.gather_memory(self.profiler.finish())
         summary = {
             "top1": top1,
@@ -299,6 +304,8 @@ class Trainer:
             "wall_time_s": train_time,
             "images_per_s": images_total / max(train_time, 1e-9),
             "skipped_samples": int(skipped),
+            "sampling": getattr(self.train_loader, "sampling", "custom"),
+            "padded_samples_per_epoch": int(getattr(self.train_loader, "padded_samples_per_epoch", 0)),
             "world_size": self.env.world_size,
             "engine": cfg.dist.engine,
             "method": cfg.method.name,
