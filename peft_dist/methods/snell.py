@@ -13,7 +13,9 @@ Modes:
   adapter Dropout(0.1) on the input (one sample shared by q/k/v, separate draws for fc1 and fc2, none for proj) and
   an independent per-sample DropPath(0.1) per matrix (§1.1, §1.3, §7.1.4);
 * ``merged``: one GEMM on ``W0 + ΔW`` through the fused Function (§7.3 A); exact only without the adapter Dropout
-  and DropPath, so those must be 0 (they default to 0 in this mode).
+  and DropPath, so those must be 0 (they default to 0 in this mode). Under bf16 compute W0 + ΔW is never rounded
+  to bf16 as one matrix (that would drop ΔW entries below half an ulp of W0): ``merged_gemm`` picks two bf16 GEMMs
+  or one fp32 GEMM.
 
 ``implementation: reference`` swaps the fused Function for the official-style path (autograd through ``cdist`` and
 ``torch.quantile``, a second GEMM, per-adapter non-reentrant checkpointing; §3.3) for parity runs and benchmarks.
@@ -79,6 +81,10 @@ class KernelAdapterOptions:
     """``fused``: the custom Function (§7.3 A); ``reference``: the official-style autograd path (§3.3)."""
     chunk_entries: int = 1 << 20
     """Entries per transient row-block buffer of the fused kernel (bounds the extra memory, §7.3 A)."""
+    merged_gemm: Literal["auto", "split", "fp32"] = "auto"
+    """``merged`` mode under bf16 compute: ``split`` (one bf16 GEMM on [x, x] and [W0, ΔW], both products summed
+    before the output is rounded) or ``fp32`` (one fp32 GEMM on W0 + ΔW); ``auto``: split on CUDA, fp32 on CPU.
+    Either keeps ΔW to its own precision instead of rounding it against W0 (``kernelized.merged_gemm_for``)."""
 
     def validate_common(self) -> None:
         check_range("method.rank", self.rank, low=2)
@@ -295,7 +301,8 @@ class KernelAdapterMethod(Method, ABC):
 
     def kernel_config(self) -> KernelConfig:
         return KernelConfig(kind=self.kernel_kind, threshold=self.options.threshold,
-                            plain_at_zero=self.plain_at_zero, chunk_entries=self.options.chunk_entries)
+                            plain_at_zero=self.plain_at_zero, chunk_entries=self.options.chunk_entries,
+                            merged_gemm=self.options.merged_gemm)
 
     @abstractmethod
     def initial_sparsity(self, block: int, kind: str) -> float:

@@ -20,12 +20,14 @@ Sparsification (§3.1), per matrix with sparsity s: ``Kˢ = K ⊙ sg(m)`` where 
 * SNELL at s = 0 selects the plain kernel (no magnitude factor), SNELLA does not (``KernelConfig.plain_at_zero``).
 
 The Function (§7.3 A). Forward builds ``Kˢ`` in fp32 (or fp64 for fp64 inputs) even under bf16 autocast (§7.2),
-adds it to the frozen weight and runs **one** GEMM; it saves only the layer input X, the parameters and one scalar
-threshold per matrix, never a d_out×d_in tensor. Backward rebuilds the kernel row block by row block (at most
-``chunk_entries`` entries per transient buffer), accumulates ``G_X = G_Y·W`` block-wise, forms the dense weight
-gradient ``G_S = G_Yᵀ·X`` per block, and applies the closed form of §7.3 A.4 for A and B: with
-``R_h = c_h·G_K ⊘ D_h``, ``∂B_h = diag(R_h·1)·B_h − R_h·A_h`` and ``∂A_h = diag(R_hᵀ·1)·A_h − R_hᵀ·B_h`` (no
-autograd graph through ``cdist``). Distances are ε-guarded: ``D = sqrt(max(d², ε))`` (§7.2).
+adds it to the frozen weight and runs **one** GEMM; under bf16/fp16 compute it keeps ΔW out of the rounding of W0
+(one GEMM over [W0, ΔW] in the compute dtype, or one in fp32: :func:`merged_gemm_for`). It saves only the layer
+input X, the parameters and one scalar threshold per matrix, never a d_out×d_in tensor. Backward rebuilds the
+kernel row block by row block (at most ``chunk_entries`` entries per transient buffer), accumulates
+``G_X = G_Y·W`` block-wise, forms the dense weight gradient ``G_S = G_Yᵀ·X`` per block, and applies the closed
+form of §7.3 A.4 for A and B: with ``R_h = c_h·G_K ⊘ D_h``, ``∂B_h = diag(R_h·1)·B_h − R_h·A_h`` and
+``∂A_h = diag(R_hᵀ·1)·A_h − R_hᵀ·B_h`` (no autograd graph through ``cdist``). Distances are ε-guarded:
+``D = sqrt(max(d², ε))`` (§7.2).
 
 The threshold is selected once per forward by :func:`kth_smallest_magnitude` (exact: a sample brackets the k-th
 value, only entries inside the bracket are selected) and reused in backward.
@@ -46,6 +48,7 @@ DISTANCE_EPS = 1e-12
 """ε of the guarded distance sqrt(max(d², ε)) (spec §7.2)."""
 KERNEL_KINDS = ("piecewise", "mixk", "linear")
 THRESHOLDS = ("code", "paper", "none")
+MERGED_GEMMS = ("auto", "split", "fp32")
 
 _SAMPLE_SIZE = 8192
 """Entries sampled to bracket the k-th magnitude; the selection is exact whatever the sample (it only sets speed)."""
@@ -63,6 +66,10 @@ class KernelConfig:
     """s = 0 gives the plain kernel (SNELL's ``KLoRA`` switch, §3.1); SNELLA keeps the magnitude path."""
     chunk_entries: int = 1 << 20
     """Upper bound on the entries of each transient row-block buffer (memory bound of §7.3 A)."""
+    merged_gemm: str = "auto"
+    """How ``merged`` mode applies W0 + ΔW when the compute dtype is bf16/fp16 (see :func:`merged_gemm_for`):
+    ``split`` (one GEMM in the compute dtype on [x, x] and [W0, ΔW]), ``fp32`` (one fp32 GEMM on the
+    fp32 merged weight) or ``auto`` (split on CUDA, fp32 elsewhere)."""
 
     def __post_init__(self):
         if self.kind not in KERNEL_KINDS:
@@ -71,6 +78,8 @@ class KernelConfig:
             raise ValueError(f"threshold {self.threshold!r}; allowed: {', '.join(THRESHOLDS)}")
         if self.chunk_entries < 1:
             raise ValueError(f"chunk_entries must be >= 1, got {self.chunk_entries}")
+        if self.merged_gemm not in MERGED_GEMMS:
+            raise ValueError(f"merged_gemm {self.merged_gemm!r}; allowed: {', '.join(MERGED_GEMMS)}")
 
 
 @dataclass(frozen=True)
@@ -284,6 +293,22 @@ def _uncovered_rows(slices: Sequence[SliceSpec], d_out: int) -> list[tuple[int, 
     return gaps
 
 
+def merged_gemm_for(cfg: KernelConfig, device: torch.device, compute_dtype: torch.dtype) -> str | None:
+    """How the merged GEMM runs: None in fp32/fp64 (one GEMM on W0 + ΔW, exact), else ``split`` or ``fp32``.
+
+    Rounding W0 + ΔW to bf16 keeps ΔW only to half a bf16 ulp of W0 (~1e-4 for |W0| ~ 0.03): at SNELL's initial
+    scale most kept entries vanish. Both strategies keep ΔW to its own precision and round the output once.
+    ``split`` is one GEMM in the compute dtype over twice the inner dimension, ``[x, x]·[W0, ΔW]ᵀ`` (ΔW rounded to
+    bf16 on its own, a relative 2⁻⁹); ``fp32`` is one fp32 GEMM on the fp32 W0 + ΔW. On a GPU the bf16 tensor-core
+    rate is over 10x the fp32 one, so ``split`` is the faster; on a CPU with avx512_bf16 the two cost the same
+    (``benchmarks/snell_step.py --precision bf16``), and ``fp32`` is the more exact."""
+    if compute_dtype in (torch.float32, torch.float64):
+        return None
+    if cfg.merged_gemm != "auto":
+        return cfg.merged_gemm
+    return "split" if device.type == "cuda" else "fp32"
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -301,6 +326,8 @@ class KernelizedLinearFunction(torch.autograd.Function):
         groups = _split_factors(factors, cfg.kind, len(slices))
         kdtype = _kernel_dtype(factors[0])
         d_in = x.shape[-1]
+        strategy = merged_gemm_for(cfg, x.device, compute_dtype) if weight is not None else None
+        base_weight = None if strategy == "split" else weight  # split: W holds ΔW alone
         covered = sum(s.stop - s.start for s in slices) == out_features
         W = x.new_empty((out_features, d_in), dtype=kdtype) if covered else \
             x.new_zeros((out_features, d_in), dtype=kdtype)
@@ -309,29 +336,39 @@ class KernelizedLinearFunction(torch.autograd.Function):
         taus = []
         for spec, tensors in zip(slices, groups):
             fac = _Factors(tensors, cfg.kind, kdtype)
-            base = None if weight is None else weight[spec.start:spec.stop]
+            base = None if base_weight is None else base_weight[spec.start:spec.stop]
             taus.append(_build_sparse_kernel(fac, W[spec.start:spec.stop], spec.sparsity, cfg, scratch, base))
         del scratch
-        if weight is not None:
+        if base_weight is not None:
             for r0, r1 in _uncovered_rows(slices, out_features):
-                W[r0:r1].copy_(weight[r0:r1])
+                W[r0:r1].copy_(base_weight[r0:r1])
         x_c = x.to(compute_dtype)
-        y = F.linear(x_c, W.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
+        bias_c = None if bias is None else bias.to(compute_dtype)
+        if strategy == "fp32":
+            # x_c.to(kdtype) is exact: the GEMM sees the same rounded input as the frozen model under autocast
+            y = F.linear(x_c.to(kdtype), W, None if bias is None else bias.to(kdtype)).to(compute_dtype)
+        elif strategy == "split":
+            # [x, x]·[W0, ΔW]ᵀ: one GEMM accumulates both products in fp32 before the output's single rounding, so
+            # a per-output delta below half an ulp still moves it (summing two rounded outputs would drop it)
+            y = F.linear(torch.cat([x_c, x_c], -1), torch.cat([weight.to(compute_dtype), W.to(compute_dtype)], 1),
+                         bias_c)
+        else:
+            y = F.linear(x_c, W.to(compute_dtype), bias_c)
         ctx.save_for_backward(x_c, weight, *factors)
         ctx.meta = (slices, cfg, tuple(taus), out_features, compute_dtype,
-                    None if bias is None else (bias.dtype, bias.shape))
+                    None if bias is None else (bias.dtype, bias.shape), strategy)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
         x, weight, *factors = ctx.saved_tensors
-        slices, cfg, taus, d_out, compute_dtype, bias_meta = ctx.meta
+        slices, cfg, taus, d_out, compute_dtype, bias_meta, strategy = ctx.meta
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         need_f = ctx.needs_input_grad[7:]
         with torch.autocast(x.device.type, enabled=False):
             grads = _backward(x, weight, factors, grad_y.to(compute_dtype), slices, cfg, taus, d_out,
-                              need_x, need_w, need_f)
+                              need_x, need_w, need_f, strategy)
         gx, gw, gfactors = grads
         gb = None
         if need_b:
@@ -343,19 +380,23 @@ def _scratch_rows(cfg: KernelConfig, biggest_rows: int, d_in: int) -> int:
     return _rows_per_block(cfg.kind, biggest_rows, d_in, cfg.chunk_entries) if biggest_rows else 1
 
 
-def _backward(x, weight, factors, grad_y, slices, cfg, taus, d_out, need_x, need_w, need_f):
+def _backward(x, weight, factors, grad_y, slices, cfg, taus, d_out, need_x, need_w, need_f, strategy=None):
     kdtype = _kernel_dtype(factors[0])
     d_in = x.shape[-1]
     X = x.reshape(-1, d_in)
     G = grad_y.reshape(-1, d_out)
     low_precision = X.dtype not in (torch.float32, torch.float64)
-    # fp32/fp64: G_X accumulates block by block; reduced precision: the merged weight is assembled in the GEMM
-    # dtype and G_X is one GEMM, so no partial sum is rounded to bf16 between blocks.
+    # fp32/fp64: G_X accumulates block by block; reduced precision: the weight G_X needs is assembled whole (ΔW in
+    # the GEMM dtype for the delta-only and split paths, W0 + ΔW in fp32 for the fp32 path) and G_X is formed by
+    # whole GEMMs, so no partial sum is rounded to bf16 between blocks, and ΔW is never rounded against W0.
     gx = None
     W_lp = None
     if need_x:
         if low_precision:
-            W_lp = weight.to(X.dtype, copy=True) if weight is not None else X.new_zeros(d_out, d_in)
+            if strategy == "fp32":
+                W_lp = weight.to(kdtype, copy=True)
+            else:
+                W_lp = X.new_zeros(d_out, d_in)
         else:
             gx = _InputGrad()
             if weight is not None:
@@ -368,13 +409,21 @@ def _backward(x, weight, factors, grad_y, slices, cfg, taus, d_out, need_x, need
     for index, (spec, tensors, tau) in enumerate(zip(slices, groups, taus)):
         wants = need_f[index * per:(index + 1) * per]
         fac = _Factors(tensors, cfg.kind, kdtype)
-        W0 = None if weight is None else weight[spec.start:spec.stop]
+        W0 = None if weight is None or strategy == "split" else weight[spec.start:spec.stop]
         out = _slice_backward(fac, spec, tau, cfg, G[:, spec.start:spec.stop], X, W0, gx, W_lp, any(wants))
         for j, (g, want) in enumerate(zip(out, wants)):
             if want:
                 gfactors[index * per + j] = g.to(tensors[j].dtype).reshape(tensors[j].shape)
     if need_x:
-        gx = (G @ W_lp if low_precision else gx.value).reshape(x.shape)
+        if not low_precision:
+            gx = gx.value
+        elif strategy == "fp32":
+            gx = (G.to(kdtype) @ W_lp).to(X.dtype)
+        elif strategy == "split":
+            gx = torch.cat([G, G], 1) @ torch.cat([weight.to(X.dtype), W_lp], 0)  # one rounding, as forward
+        else:
+            gx = G @ W_lp
+        gx = gx.reshape(x.shape)
     return gx, gw, gfactors
 
 
@@ -470,8 +519,8 @@ def kernelized_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
                       slices: Sequence[SliceSpec], factors: Sequence[torch.Tensor], cfg: KernelConfig,
                       out_features: int | None = None) -> torch.Tensor:
     """Apply the fused Function. ``weight``/``bias`` are the frozen Linear's (``weight=None``: the delta only, with
-    ``out_features`` rows). ``factors`` is flat: per slice A, B (+ α, γ, β for MixK). Under autocast the GEMM runs
-    in the autocast dtype and the kernel in fp32; the Function itself runs with autocast off."""
+    ``out_features`` rows). ``factors`` is flat: per slice A, B (+ α, γ, β for MixK). Under autocast the kernel is
+    built in fp32 and the GEMMs run as :func:`merged_gemm_for` says; the Function itself runs with autocast off."""
     if out_features is None:
         if weight is None:
             raise ValueError("out_features is required when weight is None")
