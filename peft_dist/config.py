@@ -191,7 +191,8 @@ class TrainConfig:
     seed: int = 0
     grad_accum: int = 1
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """``auto``: bf16 autocast when CUDA is present, fp32 otherwise."""
+    """``auto``: bf16 on a CUDA GPU with native bf16, fp32 otherwise (the summary's ``precision`` and the MLflow tag
+    say which)."""
     log_every: int = 10
     eval_every_epochs: int = 0
     """Evaluate every N epochs during training (0: only at the end)."""

@@ -27,7 +27,8 @@ from peft_dist.methods.base import Method
 _TAG = "deepspeed"
 
 
-def deepspeed_config(cfg, world_size: int, cuda: bool, trainable_elements: int | None = None) -> dict[str, Any]:
+def deepspeed_config(cfg, world_size: int, cuda: bool, trainable_elements: int | None = None,
+                     precision: str | None = None) -> dict[str, Any]:
     """The generated DeepSpeed config; ``dist.deepspeed_config`` (a JSON file) is merged over it.
 
     ZeRO's default communication buckets hold 5e8 elements (2 GB in fp32), allocated whatever the trainable size; with
@@ -44,7 +45,8 @@ def deepspeed_config(cfg, world_size: int, cuda: bool, trainable_elements: int |
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # a torch AdamW over the trainable parameters only
         "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": bool(cuda and cfg.train.precision != "fp32")},
+        # precision: the engine's resolved one; without it (the memory estimator), auto counts as bf16 on CUDA
+        "bf16": {"enabled": bool(cuda and (precision or cfg.train.precision) != "fp32")},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -103,7 +105,7 @@ class DeepSpeedEngine(Engine):
         self.forward_needs_all_ranks = self.zero_stage == 3
         self.autocast_dtype = None  # DeepSpeed's bf16 mode casts the model itself
         trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
-        ds_cfg = deepspeed_config(cfg, env.world_size, device.type == "cuda", trainable)
+        ds_cfg = deepspeed_config(cfg, env.world_size, device.type == "cuda", trainable, self.precision)
         self.bf16 = ds_cfg["bf16"]["enabled"]
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_cfg,

@@ -29,12 +29,14 @@ class Engine:
         self.cfg = cfg
         self.env = env
         self.device = device
+        self.precision = resolve_precision(cfg.train.precision, device)
+        """``train.precision`` resolved for this device (``auto`` → bf16 or fp32); what the summary records."""
         if cfg.dist.activation_checkpointing:
             apply_activation_checkpointing(self.module)  # before wrapping, so every engine recomputes the same way
         self.model = self.wrap(self.module)
         self.optimizer = self.build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps, warmup_steps)
-        self.autocast_dtype = _autocast_dtype(cfg.train.precision, device)
+        self.autocast_dtype = _autocast_dtype(self.precision)
         self.phase = lambda name: contextlib.nullcontext()  # the trainer plugs the memory profiler in here
 
     # ------------------------------------------------------------------ set-up
@@ -160,10 +162,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int, war
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.lr, cfg.warmup_start_lr, cfg.min_lr))
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on a CUDA device with native bf16 (compute capability 8.0+), fp32 elsewhere, including GPUs
+    that only emulate bf16 (V100, T4: an emulated bf16 step is slower than fp32). fp16 is not offered: without a
+    gradient scaler small adapter gradients underflow. An explicit ``bf16``/``fp32`` is taken as given."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+
+
+def _autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision."""
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

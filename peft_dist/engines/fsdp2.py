@@ -130,7 +130,7 @@ class FSDP2Engine(Engine):
         if not dist.is_initialized():
             raise RuntimeError("dist.engine=fsdp2 needs a process group: start with `peft-dist launch --nproc N`")
         d = self.cfg.dist
-        mixed = self.device.type == "cuda" and self.cfg.train.precision != "fp32"
+        mixed = self.device.type == "cuda" and self.precision == "bf16"
         if d.frozen_dtype == "bf16":
             if not mixed:
                 raise RuntimeError("dist.frozen_dtype=bf16 needs bf16 compute (a CUDA device and train.precision "

@@ -107,7 +107,8 @@ class Trainer:
                                        out_dir=self.out_dir, world_size=env.world_size)
         self.engine.phase = self.profiler.phase
         tags = {"world_size": str(env.world_size), "engine": cfg.dist.engine, "method": cfg.method.name,
-                "backend": "nccl" if device.type == "cuda" else "gloo", "model": cfg.model.name}
+                "backend": "nccl" if device.type == "cuda" else "gloo", "model": cfg.model.name,
+                "precision": self.engine.precision}
         self.tracker = make_tracker(cfg, env.is_main, tags)
         self.skipped: set[int] = set()
         self.images_seen = 0
@@ -308,6 +309,7 @@ class Trainer:
             "padded_samples_per_epoch": int(getattr(self.train_loader, "padded_samples_per_epoch", 0)),
             "world_size": self.env.world_size,
             "engine": cfg.dist.engine,
+            "precision": self.engine.precision,
             "method": cfg.method.name,
             "model": cfg.model.name,
             "task": self.task_name(),
