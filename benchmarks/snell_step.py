@@ -7,7 +7,12 @@ Variants (all on q, k, v, proj, fc1, fc2 of every block, random weights, random 
 * ``snell32`` / ``snell8``: SNELL at s = 0.9 through the fused Function, ``mode=merged`` (one GEMM on W0 + ΔW);
 * ``reference32``: the same math the way the official code runs it (``implementation=reference``): a parallel
   branch, autograd through ``cdist`` and ``torch.quantile``, a second GEMM, per-adapter non-reentrant checkpointing
-  (adapter Dropout/DropPath off, so it computes what ``snell32`` computes).
+  (adapter Dropout/DropPath off, so it computes what ``snell32`` computes);
+* with ``--precision bf16`` also ``split32`` / ``fp32gemm32``: ``snell32`` with ``merged_gemm`` forced to ``split``
+  (one bf16 GEMM on [x, x]·[W0, ΔW]) / ``fp32`` (one fp32 GEMM on W0 + ΔW), and ``faithful32``: the fused
+  parallel branch (``mode=faithful``, Dropout/DropPath off: the same function), so merged against faithful step
+  time, and the two ways merged mode keeps ΔW under bf16, are timed side by side (``snell32`` itself uses
+  ``merged_gemm=auto``).
 
 Timing: after one (memory-tracked) warm-up step per variant, ``--reps`` rounds each time one step of every timed
 variant back to back (rotating the order), so machine noise hits all alike; a ratio is the median over rounds of
@@ -17,11 +22,13 @@ the optimizer state (exact for tensors, blind to allocator slack). The last line
 
     python benchmarks/snell_step.py             # ViT-B/16, batch 8, fp32 on CPU (one thread) or batch 32 bf16 on GPU
     python benchmarks/snell_step.py --quick     # a tiny ViT, seconds: a smoke test
+    python benchmarks/snell_step.py --precision bf16 --batch 4   # merged vs faithful under bf16 autocast on CPU
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -40,16 +47,25 @@ import peft_dist  # noqa: E402
 SIX = ["q", "k", "v", "proj", "fc1", "fc2"]
 TIMED = ("lora8", "snell32", "reference32")
 MEMORY = ("lora8", "snell8", "lora32", "snell32", "reference32")
+BF16_EXTRA = ("split32", "fp32gemm32", "faithful32")
+"""Timed (and memory-tracked) only with --precision bf16: the merged-mode strategies and faithful mode."""
+_NO_REGULARISERS = dict(adapter_dropout=0.0, adapter_drop_path=0.0)
 
 
 def variant_options(name: str, sparsity: float) -> tuple[str, dict]:
+    rank = int(re.search(r"\d+$", name).group())
     if name.startswith("lora"):
-        rank = int(name[4:])
         return "lora", dict(rank=rank, alpha=float(rank), targets=SIX, dropout=0.0)
+    snell = dict(rank=rank, sparsity=sparsity)
     if name.startswith("snell"):
-        return "snell", dict(rank=int(name[5:]), sparsity=sparsity, mode="merged")
-    return "snell", dict(rank=int(name[9:]), sparsity=sparsity, implementation="reference", adapter_dropout=0.0,
-                         adapter_drop_path=0.0)
+        return "snell", dict(snell, mode="merged")
+    if name.startswith("split"):
+        return "snell", dict(snell, mode="merged", merged_gemm="split")
+    if name.startswith("fp32gemm"):
+        return "snell", dict(snell, mode="merged", merged_gemm="fp32")
+    if name.startswith("faithful"):
+        return "snell", dict(snell, mode="faithful", **_NO_REGULARISERS)
+    return "snell", dict(snell, implementation="reference", **_NO_REGULARISERS)
 
 
 class StoragePeak(TorchDispatchMode):
@@ -164,14 +180,15 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, img, img, generator=g).to(device)
     y = torch.randint(0, 100, (batch,), generator=g).to(device)
-    variants = {name: Variant(name, args, device) for name in MEMORY}
+    timed = TIMED + (BF16_EXTRA if precision == "bf16" else ())
+    variants = {name: Variant(name, args, device) for name in dict.fromkeys(MEMORY + timed)}
     peaks = {}
     for name, v in variants.items():
         peaks[name] = v.peak_bytes(x, y)
         print(f"{name:12s} peak {peaks[name] / 2**20:9.1f} MiB", flush=True)
     rounds = []
     for r in range(args.reps):
-        order = TIMED[r % len(TIMED):] + TIMED[:r % len(TIMED)]
+        order = timed[r % len(timed):] + timed[:r % len(timed)]
         times = {name: variants[name].timed_step(x, y) for name in order}
         rounds.append(times)
         print("round", r, {k: round(v, 3) for k, v in times.items()}, flush=True)
@@ -187,12 +204,24 @@ def main() -> None:
         "snell32_over_lora8_peak": peaks["snell32"] / peaks["lora8"],
         "fused_over_reference_peak": peaks["snell32"] / peaks["reference32"],
         "reference_over_lora_step": ratio("reference32", "lora8"),
-        "step_s_median": {k: statistics.median(t[k] for t in rounds) for k in TIMED},
+        "step_s_median": {k: statistics.median(t[k] for t in rounds) for k in timed},
         "peak_bytes": peaks,
         "config": {"model": args.model, "batch": batch, "precision": precision, "device": str(device),
                    "threads": torch.get_num_threads() if device.type == "cpu" else None, "reps": args.reps,
                    "sparsity": args.sparsity, "quick": args.quick},
     }
+    if precision == "bf16":
+        from peft_dist.methods.functional.kernelized import KernelConfig, merged_gemm_for
+
+        result.update({
+            "merged_auto_gemm": merged_gemm_for(KernelConfig(), device, torch.bfloat16),
+            "merged_over_faithful_step": ratio("snell32", "faithful32"),
+            "merged_split_over_faithful_step": ratio("split32", "faithful32"),
+            "merged_fp32_over_faithful_step": ratio("fp32gemm32", "faithful32"),
+            "merged_split_over_fp32_step": ratio("split32", "fp32gemm32"),
+            "merged_split_over_faithful_peak": peaks["split32"] / peaks["faithful32"],
+            "merged_fp32_over_faithful_peak": peaks["fp32gemm32"] / peaks["faithful32"],
+        })
     print(json.dumps(result))
 
 
