@@ -6,8 +6,11 @@
    included — over several seeds, through the real trainer and methods.
 3. Print the report table (top-1 mean ± std, trainable parameters, peak memory, images/s) and, last, one JSON line.
 
-The digits are real data (1,797 8x8 scans, upscaled); train/test is a stratified 80/20 split per half. Batches are
-built in memory so the study measures the methods, not the loader (the streaming path has its own benchmark).
+The digits are real data (1,797 8x8 scans, upscaled); train/test is a stratified 80/20 split per half. With
+``--sampling exact`` (the default) each half is written as PNG shards (``peft-dist shards``, one shard per split)
+and trained through the real loader: every epoch a new permutation of all training images, the last batch short.
+``--sampling memory`` is the study as it ran before exact sampling: batches built in memory once, in one fixed
+order every epoch, the remainder dropped.
 
     .venv/bin/python benchmarks/transfer_digits.py            # the full study (3 seeds)
     .venv/bin/python benchmarks/transfer_digits.py --quick    # 1 seed, 2 epochs: a smoke test
@@ -63,25 +66,54 @@ def batches(x, y, bs, seed):
     return [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(y) - bs + 1, bs)]
 
 
+def write_half_shards(data, folder: Path) -> Path:
+    """One half's train and test images as 8-bit PNGs (the upscaled scans, as the loader will decode them), then
+    as one shard per split with ``peft-dist shards``; returns the shard directory."""
+    from PIL import Image
+
+    from peft_dist.data import write_shards
+
+    xtr, ytr, xte, yte = data
+    lists = []
+    for split, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(len(y)):
+            pixels = ((x[i, 0] * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(pixels).convert("RGB").save(folder / split / f"{i:04d}.png")
+            lines.append(f"{split}/{i:04d}.png {int(y[i])}")
+        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
+        lists.append(f"{split}={folder / f'{split}.txt'}")
+    write_shards("list:" + ",".join(lists), folder / "shards", shard_size=len(xtr) + len(xte), seed=0)
+    return folder / "shards"
+
+
 def run(method: str, options: dict, lr: float, data, out_dir: Path, checkpoint: Path | None, epochs: int,
-        seed: int) -> dict:
+        seed: int, shards: Path | None = None) -> dict:
+    """``shards``: train through the loader (exact sampling) on that directory; else on in-memory batches."""
     from launcher.env import DistEnv
     from peft_dist.config import load_config
     from peft_dist.train.trainer import Trainer
 
     xtr, ytr, xte, yte = data
     kw = "{" + ", ".join(f"{k}: {v}" for k, v in MODEL.items()) + "}"
+    source = ["data.source=synthetic"] if shards is None else [
+        "data.source=shards", f"data.path={shards}", f"data.img_size={MODEL['img_size']}", "data.batch_size=32",
+        "data.eval_batch_size=256", "data.num_workers=0", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]
     overrides = ["model.name=vit_tiny_patch16_224", "model.num_classes=5", f"model.kwargs={kw}",
-                 f"method.name={method}", "data.source=synthetic", f"train.out_dir={out_dir}",
+                 f"method.name={method}", *source, f"train.out_dir={out_dir}",
                  f"train.epochs={epochs}", f"train.seed={seed}", "train.progress=false", "tracking.enabled=false",
                  f"optim.lr={lr}", "optim.weight_decay=1e-4", "optim.warmup_epochs=1"]
     overrides += [f"method.{k}={json.dumps(v)}" for k, v in options.items()]
     if checkpoint is not None:
         overrides.append(f"model.checkpoint={checkpoint}")
     cfg = load_config(None, overrides)
-    train = batches(xtr, ytr, 32, seed)
-    test = [(xte[i:i + 256], yte[i:i + 256]) for i in range(0, len(yte), 256)]
-    trainer = Trainer(cfg, DistEnv(), torch.device("cpu"), train, test)
+    if shards is None:
+        train = batches(xtr, ytr, 32, seed)
+        test = [(xte[i:i + 256], yte[i:i + 256]) for i in range(0, len(yte), 256)]
+        trainer = Trainer(cfg, DistEnv(), torch.device("cpu"), train, test)
+    else:
+        trainer = Trainer(cfg, DistEnv(), torch.device("cpu"))
     summary = trainer.fit()
     return {"trainer": trainer, "summary": summary}
 
@@ -112,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     p.add_argument("--out", default=None, help="keep the runs and report here (default: a temporary folder)")
     p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 3 pre-training epochs")
+    p.add_argument("--sampling", choices=["exact", "memory"], default="exact",
+                   help="exact: PNG shards through the loader; memory: the fixed in-memory batches of before")
     a = p.parse_args(argv)
     if a.quick:
         a.seeds, a.epochs, a.pretrain_epochs = 1, 2, 3
@@ -124,8 +158,10 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     halves = digit_halves()
+    shards = {name: write_half_shards(data, root / f"{name}-data") if a.sampling == "exact" else None
+              for name, data in halves.items()}
 
-    pre = run("full", {}, 1e-3, halves["pretrain"], root / "pretrain", None, a.pretrain_epochs, 0)
+    pre = run("full", {}, 1e-3, halves["pretrain"], root / "pretrain", None, a.pretrain_epochs, 0, shards["pretrain"])
     ckpt = root / "vit_digits04.safetensors"
     from safetensors.torch import save_file
 
@@ -143,7 +179,7 @@ def main(argv=None) -> int:
         for seed in range(a.seeds):
             d = root / f"{method}-seed{seed}"
             shutil.rmtree(d, ignore_errors=True)
-            r = run(method, options, lr, halves["transfer"], d, ckpt, a.epochs, seed)
+            r = run(method, options, lr, halves["transfer"], d, ckpt, a.epochs, seed, shards["transfer"])
             print(f"{method:>14} seed {seed}: top-1 {100 * r['summary']['top1']:.1f} %", flush=True)
             run_dirs.append(d)
 
@@ -160,6 +196,7 @@ def main(argv=None) -> int:
     result = {"top1_mean_by_method": figures,
               "methods_above_linear_probe": sorted(m for m, v in figures.items() if linear is not None and v > linear),
               "pretrain_top1": round(100 * pre["summary"]["top1"], 2), "seeds": a.seeds, "epochs": a.epochs,
+              "sampling": a.sampling,
               "wall_time_s": round(time.perf_counter() - start, 1)}
     print(json.dumps(result))
     return 0

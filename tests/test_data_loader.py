@@ -402,8 +402,10 @@ def test_loader_benchmark_quick_run_ends_with_json(capsys):
     result = bench.main(["--quick"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == result
-    assert result["images_per_s_per_worker"] > 0 and result["speedup_2w_vs_1w"] > 0
-    assert set(result["images_per_s"]) == {"ours_1w", "ours_2w", "stock_webdataset_1w"}
+    assert set(result["images_per_s"]) == {"exact_1w", "exact_2w", "resampled_1w", "stock_webdataset_1w"}
+    assert result["exact_images_per_s_per_worker"] == result["images_per_s"]["exact_1w"]
+    assert result["exact_over_stock_webdataset"] == pytest.approx(
+        result["images_per_s"]["exact_1w"] / result["images_per_s"]["stock_webdataset_1w"])
 
 
 def test_normalisation_fields_parse_and_validate():
