@@ -86,7 +86,9 @@ def shard_full_precision_owners(model: nn.Module, full_precision: list[nn.Parame
         own = list(module.named_parameters(recurse=False))
         if not any(id(p) in keep for _, p in own):
             continue
-        mixed = [n for n, p in own if id(p) not in keep]
+        # recursive: fully_shard(module) also takes its children's parameters (a frozen base Linear would be gathered
+        # in fp32 along with the adapter)
+        mixed = [n for n, p in module.named_parameters() if id(p) not in keep]
         if mixed or type(module).forward is nn.Module.forward:
             why = f"also holds {', '.join(mixed)}" if mixed else "does not return them from forward()"
             raise RuntimeError(f"{name}: cannot keep its parameters in fp32 under FSDP2's bf16 policy on torch "

@@ -65,10 +65,20 @@ class SPTBottleneck(nn.Module):
         return self.up(self.act(self.down(u)))
 
 
-def _delta_parameter(count: int, like: torch.Tensor) -> nn.Parameter:
-    # Deltas are kept in fp32 whatever the frozen storage dtype (spec §5.2 item 6); they are tiny.
-    dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
-    return nn.Parameter(torch.zeros(count, device=like.device, dtype=dtype))
+class DeltaValues(nn.Module):
+    """The trainable values δ of one sparse delta, fp32 whatever the frozen storage dtype (spec §5.2 item 6).
+
+    A module of its own whose ``forward`` hands δ out: under FSDP2's bf16 policy δ is gathered in fp32
+    (:meth:`_SPT.full_precision_parameters`), and on torch < 2.15 that takes an FSDP2 group holding only δ
+    (``engines.fsdp2.shard_full_precision_owners``), gathered by the hooks around this call."""
+
+    def __init__(self, count: int, like: torch.Tensor):
+        super().__init__()
+        dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+        self.values = nn.Parameter(torch.zeros(count, device=like.device, dtype=dtype))
+
+    def forward(self) -> torch.Tensor:
+        return self.values
 
 
 def _index_buffer(module: nn.Module, name: str, positions: list[int], numel: int, device) -> None:
@@ -111,25 +121,26 @@ class SPTLinear(AdaptedModule):
             for name, rows in self.adapter_slices.items()})
         self.weight_delta = self.bias_delta = None
         if weight_positions:
-            self.weight_delta = _delta_parameter(len(weight_positions), w)
+            self.weight_delta = DeltaValues(len(weight_positions), w)
             _index_buffer(self, "weight_index", weight_positions, w.numel(), w.device)
         if bias_positions:
             if base.bias is None:
                 raise AllocationError("the allocation tunes a bias the Linear does not have")
-            self.bias_delta = _delta_parameter(len(bias_positions), base.bias)
+            self.bias_delta = DeltaValues(len(bias_positions), base.bias)
             _index_buffer(self, "bias_index", bias_positions, base.bias.numel(), w.device)
 
     def effective_bias(self) -> torch.Tensor | None:
         bias = self.base.bias
         if self.bias_delta is None:
             return bias
-        dtype = torch.promote_types(bias.dtype, self.bias_delta.dtype)
-        return bias.to(dtype).index_add(0, self.bias_index, self.bias_delta.to(dtype))
+        delta = self.bias_delta()
+        dtype = torch.promote_types(bias.dtype, delta.dtype)
+        return bias.to(dtype).index_add(0, self.bias_index, delta.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.effective_bias()
         if self.weight_delta is not None:
-            y = sparse_delta_linear(x, self.base.weight, self.weight_delta, self.weight_index, bias)
+            y = sparse_delta_linear(x, self.base.weight, self.weight_delta(), self.weight_index, bias)
         else:
             y = F.linear(x, self.base.weight, bias if bias is None else bias.to(self.base.weight.dtype))
         if self.lora_slices:
@@ -151,7 +162,7 @@ class SPTLinear(AdaptedModule):
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         dw = torch.zeros(w.shape, dtype=dtype, device=w.device)
         if self.weight_delta is not None:
-            dw.view(-1).index_add_(0, self.weight_index.long(), self.weight_delta.to(dtype))
+            dw.view(-1).index_add_(0, self.weight_index.long(), self.weight_delta().to(dtype))
         for name, rows in self.lora_slices.items():
             dw[rows] += self.lora_B[name].to(dtype) @ self.lora_A[name].to(dtype)
         return dw
@@ -160,8 +171,8 @@ class SPTLinear(AdaptedModule):
         if self.bias_delta is None:
             return None
         b = self.base.bias
-        return torch.zeros(b.shape, dtype=self.bias_delta.dtype, device=b.device).index_add_(
-            0, self.bias_index.long(), self.bias_delta)
+        delta = self.bias_delta()
+        return torch.zeros(b.shape, dtype=delta.dtype, device=b.device).index_add_(0, self.bias_index.long(), delta)
 
     def merged(self) -> nn.Linear:
         if self.adapter_slices:
@@ -193,14 +204,15 @@ class SPTLayerNorm(AdaptedModule):
             ref = getattr(base, which)
             if ref is None:
                 raise AllocationError(f"the allocation tunes a LayerNorm {which} the model does not have")
-            setattr(self, f"{which}_delta", _delta_parameter(len(positions), ref))
+            setattr(self, f"{which}_delta", DeltaValues(len(positions), ref))
             _index_buffer(self, f"{which}_index", positions, ref.numel(), ref.device)
 
     def _effective(self, which: str) -> torch.Tensor | None:
         ref = getattr(self.base, which)
-        delta = getattr(self, f"{which}_delta")
-        if delta is None:
+        owner = getattr(self, f"{which}_delta")
+        if owner is None:
             return ref
+        delta = owner()
         dtype = torch.promote_types(ref.dtype, delta.dtype)
         return ref.to(dtype).index_add(0, getattr(self, f"{which}_index"), delta.to(dtype))
 
@@ -222,6 +234,13 @@ class SPTLayerNorm(AdaptedModule):
                     getattr(out, which).copy_(value.to(ref.dtype))
         out.requires_grad_(False)
         return out
+
+
+def delta_values(model: nn.Module) -> list[nn.Parameter]:
+    """Every sparse delta's δ: SPT's full-precision parameters. Gathered in bf16, each step's δ would reach the fused
+    GEMM rounded to a relative 2⁻⁹ (and its update rounded with it); in fp32 it arrives exact, and the GEMM keeps it
+    apart from W0's rounding (``functional.sparse_delta``)."""
+    return [m.values for m in model.modules() if isinstance(m, DeltaValues)]
 
 
 # ============================================================================================ options
@@ -349,6 +368,9 @@ class _SPT(Method):
         cls_token = getattr(model, "cls_token", None)
         if self.options.train_cls_token and isinstance(cls_token, nn.Parameter):
             yield cls_token
+
+    def full_precision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return delta_values(model)
 
     def summary(self, model: nn.Module) -> dict[str, Any]:
         doc, entry = self._document()
