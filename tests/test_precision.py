@@ -40,3 +40,62 @@ def test_summary_and_mlflow_record_the_resolved_precision(tmp_path):
     mlflow.set_tracking_uri(summary["mlflow_tracking_uri"])
     run = mlflow.get_run(summary["mlflow_run_id"])
     assert run.data.tags["precision"] == "fp32" and run.data.params["train.precision"] == "auto"
+
+
+# ------------------------------------------------------------------------------------------- the precision matrix
+BOUND = {1e-5: 0.12, 1e-2: 0.01}
+"""Relative Frobenius error of the fitted applied ΔW against the fp64 ΔW. At 1e-5 the fit's own noise (bf16
+rounding of the outputs, averaged over 2·10⁵ rows of width 16) is 3-5 %; at 1e-2 what is left is the bf16
+rounding of the delta itself, ≤ 0.4 %."""
+KNOWN_LOSSES = {
+    ("lora", "-", 1e-5): "the low-rank branch is added to the already-rounded bf16 frozen output",
+    ("snell", "faithful", 1e-5): "the parallel branch is added to the already-rounded bf16 frozen output",
+    ("hta", "-", 1e-5): "the Householder branch is added to the already-rounded bf16 frozen output",
+}
+"""Cells where the delta is lost today, with why: the sum of a bf16 frozen output and a delta below half its ulp
+rounds back to the frozen output on every row, so no amount of averaging recovers it (issue 17, left open: the
+fix is a frozen GEMM whose fp32 accumulator is rounded once after the deltas are added). Asserted to exceed the
+bound, so that fixing one makes this test ask for its removal here."""
+FSDP2_LOSSES = {("arc", "-", 1e-5): "the adapter's Z + δZ is formed in bf16 (the policy rounds Z first)"}
+
+
+def _check(engine: str, errors: list[float], losses: dict) -> None:
+    from precision_fit import CASES
+
+    lines = [f"{'method':8s} {'mode':8s} {'s':>4s} {'|dW|':>6s} {'engine':9s} {'rel.err':>8s} {'bound':>6s}"]
+    bad = []
+    for (method, mode, s, scale), err in zip(CASES, errors):
+        known = losses.get((method, mode, scale))
+        lines.append(f"{method:8s} {mode:8s} {s:4.1f} {scale:6.0e} {engine:9s} {err:8.4f} {BOUND[scale]:6.2f}"
+                     + (f"  known loss: {known}" if known else ""))
+        if (err > BOUND[scale]) != bool(known):
+            bad.append(lines[-1] + ("  <- fixed? remove it from the known losses" if known else "  <- over bound"))
+    print("\n" + "\n".join(lines))
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.timeout(120)
+def test_applied_delta_under_cpu_bf16_autocast():
+    """Per method and mode, at |ΔW| 1e-5 and 1e-2 and SNELL's s ∈ {0, 0.9}: the delta ``blocks.0.attn.qkv``
+    applies under ``torch.autocast("cpu", bf16)`` (least squares over 2·10⁵ rows, see ``precision_fit``) against
+    the fp64 ΔW. ``adapter`` is not in the matrix: its GELU bottleneck is no linear delta to fit."""
+    from precision_fit import CASES, autocast_error
+
+    _check("autocast", [autocast_error(spec) for spec in CASES], KNOWN_LOSSES)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_applied_delta_under_fsdp2_bf16_policy(tmp_path):
+    """The same matrix under FSDP2's bf16 policy on 2 gloo ranks (the per-parameter override on torch >= 2.15,
+    the full-precision parameters' own fp32 groups before it), and SPT's δ reaches its GEMM in fp32."""
+    import json
+
+    from conftest import spawn_two_ranks
+    from precision_fit import CASES, fsdp2_matrix
+
+    out = tmp_path / "fsdp2.json"
+    spawn_two_ranks(fsdp2_matrix, CASES, str(out))
+    got = json.loads(out.read_text())
+    assert got["spt_delta_dtype"] == "torch.float32"
+    _check("fsdp2", got["errors"], {**KNOWN_LOSSES, **FSDP2_LOSSES})
