@@ -17,9 +17,10 @@ from peft_dist.data.info import DataError
 from peft_dist.methods.base import MergeError
 from peft_dist.models.backbone import CheckpointError
 from peft_dist.tasks import TaskError
+from peft_dist.train.errors import Diverged
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, MergeError, FileNotFoundError,
-                                                DataError, TaskError, EnvError)
+                                                DataError, TaskError, EnvError, Diverged)
 
 
 def _run_distributed(cfg, work: Callable):

@@ -11,6 +11,7 @@ dataclass the method registered (``peft_dist.methods.registry``), so ``method.ra
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -207,7 +208,11 @@ class TrainConfig:
     """Write a resumable checkpoint every N optimizer steps (0: only at the end and on preemption)."""
     keep_checkpoints: int = 2
     resume: str = "none"
-    """``none``, ``auto`` (the newest complete checkpoint in out_dir/checkpoints, if any) or a checkpoint path."""
+    """``none``, ``auto`` (the newest complete checkpoint in out_dir/checkpoints, if any) or a checkpoint path.
+    With ``none``, an ``out_dir`` that holds a run is refused unless ``overwrite`` is set."""
+    overwrite: bool = False
+    """With ``resume: none``: replace the run found in ``out_dir`` (its config, metrics, summary, checkpoints and
+    outputs are removed once every check of the new run has passed)."""
 
     def validate(self) -> None:
         _check_range("train.steps", self.steps, low=0)
@@ -458,6 +463,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def _check_range(key: str, value: float, low: float | None = None, high: float | None = None,
                  low_open: bool = False) -> None:
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison; inf is no setting
+        raise ConfigError(f"{key}: got {value!r}; allowed: a finite number")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and value > high
     if too_low or too_high:

@@ -33,7 +33,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"wrote digits shards to {shards}: {json.dumps(info.get('splits', info))[:200]}")
     else:
         print(f"using the digits shards in {shards}")
-    argv = ["train", "--config", args.config, f"data.path={shards}", f"train.out_dir={out_dir}", *args.overrides]
+    argv = ["train", "--config", args.config, f"data.path={shards}", f"train.out_dir={out_dir}",
+            "train.overwrite=true", *args.overrides]  # each demo replaces the previous one
     status = launch(args.nproc, argv)
     if status != 0:
         return status

@@ -32,6 +32,7 @@ from peft_dist.methods.registry import build_method
 from peft_dist.models.backbone import create_backbone
 from peft_dist.tracking import make_tracker
 from peft_dist.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from peft_dist.train.errors import Diverged
 
 
 PAPER_PROTOCOL_LABEL = "paper (best test epoch: selected on the test split, not a held-out estimate)"
@@ -78,14 +79,40 @@ def _batches_per_epoch(loader: Iterable) -> int:
     return int(n) if n is not None else len(loader)  # type: ignore[arg-type]
 
 
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "memory.json", "adapter.safetensors",
+             PREEMPTED_MARKER, "checkpoints")
+"""What a started or finished run leaves in its out_dir (a run with ``resume: none`` never writes over these)."""
+
+
+def check_out_dir(out_dir: Path, resume: str, overwrite: bool) -> list[Path]:
+    """The run files in ``out_dir`` that a new run (``resume: none``) would replace; refused unless ``overwrite``."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.out_dir: {out_dir} is a file, not a directory")
+    if resume != "none" or not out_dir.is_dir():
+        return []
+    found = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+    if found and not overwrite:
+        raise ConfigError(f"train.out_dir: {out_dir} already holds a run ({', '.join(p.name for p in found)}); "
+                          "continue it with train.resume=auto, or replace it with train.overwrite=true")
+    return found
+
+
+def remove_run_files(paths: list[Path]) -> None:
+    import shutil
+
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv, device: torch.device,
                  train_loader: Iterable | None = None, eval_loader: Iterable | None = None):
         self.cfg, self.env, self.device = cfg, env, device
         self.out_dir = Path(cfg.train.out_dir)
-        if env.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.out_dir / "config.yaml")
+        replaced = check_out_dir(self.out_dir, cfg.train.resume, cfg.train.overwrite)
         if train_loader is None or eval_loader is None:  # data errors surface before the model is built
             from peft_dist.data import build_eval_loader, build_train_loader
             train_loader = train_loader or build_train_loader(cfg.data, env.rank, env.world_size, cfg.train.seed)
@@ -116,6 +143,11 @@ class Trainer:
         self.eval_history: list[dict[str, float]] = []
         self.preemption = PreemptionFlag()
         resume_from = resolve_resume(cfg.train.resume, self.out_dir)
+        # every check has passed: only now does this run take the directory (and replace an old run, if asked)
+        if env.is_main:
+            remove_run_files(replaced)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out_dir / "config.yaml")
         if resume_from is not None:
             self.restore(resume_from)
 
@@ -248,6 +280,7 @@ class Trainer:
             loss = self.engine.forward_backward(x, y, sync=micro == accum - 1)
             loss_sum += float(loss)
             images += y.shape[0]
+        self.check_finite(step, loss_sum / accum)
         if step == 0:
             self.profiler.capture_state(self.engine.module, self.engine.optimizer)
         with self.profiler.phase("optimizer"):
@@ -256,6 +289,16 @@ class Trainer:
             self.profiler.capture_state(self.engine.module, self.engine.optimizer)
         self.images_seen += images
         return loss_sum / accum, lr, images
+
+    def check_finite(self, step: int, loss: float) -> None:
+        """Stop before the optimizer applies a non-finite loss's gradients; every rank agrees (one scalar)."""
+        bad, = all_reduce_sum([0.0 if np.isfinite(loss) else 1.0], self.device)
+        if bad:
+            checkpoints = sorted((self.out_dir / "checkpoints").glob("step-*"))
+            last = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written"
+            raise Diverged(f"training diverged at step {step + 1}: the loss is {loss} on rank {self.env.rank} "
+                           f"(non-finite on {int(bad)} rank(s)); nothing of this step was applied; {last}; "
+                           "lower optim.lr or set optim.grad_clip")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -297,6 +340,7 @@ class Trainer:
         skipped = len(distinct_over_ranks(self.skipped, self.device))
         memory = self.gather_memory(self.profiler.finish())
         summary = {
+            "status": "finished",
             "top1": top1,
             "eval_split": cfg.data.eval_split,
             "steps": self.total_steps,
@@ -371,6 +415,13 @@ def train(cfg: RunConfig, env: DistEnv, device: torch.device, train_loader=None,
         return trainer.fit()
     except Preempted:
         trainer.tracker.finish("KILLED")
+        raise
+    except Diverged as e:
+        if env.is_main:
+            atomic_write_text(trainer.out_dir / "summary.json",
+                              json.dumps({"status": "failed", "reason": str(e)}, indent=2) + "\n")
+        trainer.tracker.set_tags({"status": "diverged"})
+        trainer.tracker.finish("FAILED")
         raise
     except BaseException:
         trainer.tracker.finish("FAILED")
