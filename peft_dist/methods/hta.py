@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_dist.config import check_range
-from peft_dist.methods.base import AdaptedModule, Method, add_to_rows
+from peft_dist.methods.base import AdaptedModule, Method, add_to_rows, frozen_linear
 from peft_dist.methods.lora import inject_per_target, merged_linear
 from peft_dist.methods.registry import register_method
 from peft_dist.models.targets import check_targets, find_targets
@@ -112,8 +112,9 @@ class HTALinear(AdaptedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xd = self.dropout(x)
-        return add_to_rows(self.base(x), [(rows, self.branch(xd, name, rows.stop - rows.start))
-                                          for name, rows in self.slices.items()])
+        y, dtype = frozen_linear(self.base, x)
+        return add_to_rows(y, [(rows, self.branch(xd, name, rows.stop - rows.start))
+                               for name, rows in self.slices.items()]).to(dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in timm layout (d_out×d_in): (W_down·W_up + H_l·Σ·H_r)ᵀ, float64, built once (merge only)."""

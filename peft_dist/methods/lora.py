@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_dist.config import check_range
-from peft_dist.methods.base import AdaptedModule, Method, add_to_rows
+from peft_dist.methods.base import AdaptedModule, Method, add_to_rows, frozen_linear
 from peft_dist.methods.registry import register_method
 from peft_dist.models.targets import Target, check_targets, find_targets, group_by_path, replace_module
 
@@ -51,9 +51,10 @@ class LoRALinear(AdaptedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xd = self.dropout(x)
-        return add_to_rows(self.base(x), [
+        y, dtype = frozen_linear(self.base, x)
+        return add_to_rows(y, [
             (rows, F.linear(F.linear(xd, self.lora_A[name]), self.lora_B[name]) * self.scale)
-            for name, rows in self.slices.items()])
+            for name, rows in self.slices.items()]).to(dtype)
 
     def delta_weight(self) -> torch.Tensor:
         dw = torch.zeros_like(self.base.weight)

@@ -39,7 +39,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from peft_dist.config import ConfigError, check_range
-from peft_dist.methods.base import AdaptedModule, Method, adapter_parameters, add_to_rows, head_parameters
+from peft_dist.methods.base import (AdaptedModule, Method, adapter_parameters, add_to_rows, frozen_linear,
+                                    head_parameters)
 from peft_dist.methods.functional.kernelized import (
     KernelConfig,
     SliceSpec,
@@ -233,12 +234,12 @@ class SnellLinear(AdaptedModule):
         if self.mode == "merged":
             return kernelized_linear(x, self.base.weight, self.base.bias, self.slice_specs(), self.factor_tensors(),
                                      self.cfg)
-        y = self.base(x)
+        y, dtype = frozen_linear(self.base, x)
         delta = kernelized_linear(self.dropout(x), None, None, self.slice_specs(), self.factor_tensors(), self.cfg,
                                   out_features=self.base.out_features)
         if self.training and self.drop_path > 0:
             delta = delta * self._drop_path_scale(delta)
-        return y + delta
+        return (y + delta).to(dtype)
 
     def _drop_path_scale(self, delta: torch.Tensor) -> torch.Tensor:
         """Per-sample keep/(1−p) factors, drawn independently for every matrix (three masks for q/k/v, §1.3)."""
