@@ -306,6 +306,11 @@ def merged_gemm_for(cfg: KernelConfig, device: torch.device, compute_dtype: torc
         return None
     if cfg.merged_gemm != "auto":
         return cfg.merged_gemm
+    return default_merged_gemm(device)
+
+
+def default_merged_gemm(device: torch.device) -> str:
+    """``split`` on CUDA, ``fp32`` elsewhere (the measurement behind it: :func:`merged_gemm_for`)."""
     return "split" if device.type == "cuda" else "fp32"
 
 
