@@ -94,3 +94,41 @@ def test_applied_delta_under_fsdp2_bf16_policy(tmp_path):
     got = json.loads(out.read_text())
     assert got["spt_delta_dtype"] == "torch.float32"
     _check("fsdp2", got["errors"], FSDP2_LOSSES)
+
+
+def test_frozen_accumulator_keeps_gradients_and_saves_no_upcast_copy():
+    """LoRA under CPU bf16 autocast through ``frozen_linear``: x, A and B gradients match fp64 autograd of the
+    same function on the bf16-rounded operands within 1 % (bf16 backward GEMMs), and what autograd saves for the
+    frozen GEMM is the bf16 weight, no fp32 copy of the input or the weight."""
+    import peft_dist
+    from conftest import tiny_vit
+    from precision_fit import relative_error
+
+    model = tiny_vit(embed_dim=16, num_heads=2, depth=1)
+    peft_dist.apply_method(model, "lora", rank=2, targets=["q", "k", "v"])
+    layer = model.blocks[0].attn.qkv
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for b in layer.lora_B.values():
+            b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    x = torch.randn(64, 16, generator=g, requires_grad=True)
+    G = torch.randn(64, 48, generator=g)
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    y.backward(G.bfloat16().float())
+    assert y.dtype == torch.bfloat16
+    assert not [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.numel() >= 16 * 48]
+
+    r = lambda t: t.detach().bfloat16().double().requires_grad_()  # noqa: E731 - the operands autocast sees
+    xr, W = r(x), layer.base.weight.detach().bfloat16().double()
+    A = {n: r(a) for n, a in layer.lora_A.items()}
+    B = {n: r(b) for n, b in layer.lora_B.items()}
+    ref = torch.cat([xr @ W[rows].t() + (xr @ A[n].t()) @ B[n].t() * layer.scale
+                     for n, rows in layer.slices.items()], 1)
+    ref.backward(G.bfloat16().double())
+    assert relative_error(x.grad, xr.grad) < 1e-2
+    for n in layer.slices:
+        assert relative_error(layer.lora_A[n].grad, A[n].grad) < 1e-2
+        assert relative_error(layer.lora_B[n].grad, B[n].grad) < 1e-2
