@@ -232,6 +232,27 @@ def test_spt_trains_exactly_the_allocation(tmp_path, structured_type):
         torch.testing.assert_close(plain(x), adapted_logits, rtol=0, atol=1e-5)
 
 
+def test_adapter_files_with_the_former_delta_names_still_load(tmp_path):
+    """δ lives in ``DeltaValues`` modules now (``…weight_delta.values``); a file naming it ``…weight_delta`` (written
+    before) loads into the same tensors, and the model computes what the saving one did."""
+    from peft_dist.train.evaluate import load_adapters
+    from peft_dist.train.trainer import save_adapters
+
+    path, _ = mixed_allocation(tmp_path, "lora")
+    trained, fresh = tiny_vit(), tiny_vit()
+    for model in (trained, fresh):
+        peft_dist.apply_method(model, "spt_lora", allocation=str(path), budget=0.004)
+    perturb_trainables(trained)
+    state = {n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad}
+    legacy = {n.replace("_delta.values", "_delta"): t for n, t in state.items()}
+    assert any(n.endswith(".weight_delta") for n in legacy) and any(n.endswith(".bias_delta") for n in legacy)
+    save_adapters(tmp_path / "legacy.safetensors", legacy, {"method": "spt_lora", "model": "tiny"})
+    load_adapters(fresh, tmp_path / "legacy.safetensors")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    trained.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("structured_type", ["lora", "adapter"])
 def test_spt_loss_falls_with_adamw(tmp_path, structured_type):
     path, _ = mixed_allocation(tmp_path, structured_type)

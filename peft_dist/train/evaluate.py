@@ -20,6 +20,19 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     return load_config(path, overrides)
 
 
+LEGACY_SUFFIXES = ((".weight_delta", ".weight_delta.values"), (".bias_delta", ".bias_delta.values"))
+"""SPT's δ moved into a module of its own (``spt.DeltaValues``, for FSDP2's fp32 groups): adapter files written
+before name it without the ``.values``."""
+
+
+def _model_name(key: str, params: dict) -> str:
+    if key not in params:
+        for old, new in LEGACY_SUFFIXES:
+            if key.endswith(old) and key[:-len(old)] + new in params:
+                return key[:-len(old)] + new
+    return key
+
+
 def load_adapters(model: nn.Module, path: str | Path) -> None:
     """Copy the tensors of an ``adapter.safetensors`` (trainable tensors + injected buffers such as SNELLA's learned
     sparsity) into the (method-applied) model; names must all exist."""
@@ -28,14 +41,15 @@ def load_adapters(model: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"adapter file not found: {path}")
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-        unknown = [k for k in keys if k not in params]
+        names = {k: _model_name(k, params) for k in f.keys()}
+        keys = list(names.values())
+        unknown = [k for k in names if names[k] not in params]
         if unknown:
             raise CheckpointError(f"adapter file {path} does not fit the model: unexpected tensors "
                                   f"{', '.join(unknown[:4])} (was it trained with another method or model?)")
         with torch.no_grad():
-            for k in keys:
-                t = f.get_tensor(k)
+            for stored, k in names.items():
+                t = f.get_tensor(stored)
                 if t.shape != params[k].shape:
                     raise CheckpointError(f"adapter file {path}: {k} has shape {tuple(t.shape)}, "
                                           f"the model expects {tuple(params[k].shape)}")
