@@ -65,11 +65,14 @@ class Case:
 
             qkv = model.blocks[0].attn.qkv
             positions = torch.randperm(qkv.weight.numel(), generator=g)[:qkv.weight.numel() // 10].tolist()
-            model.blocks[0].attn.qkv = SPTLinear(qkv, rank=2, weight_positions=positions, dropout=0.0,
+            # mode "branch": LoRA branches on q, k, v beside δ, added to the frozen + δ GEMM's accumulator
+            lora = {n: slice(16 * i, 16 * (i + 1)) for i, n in enumerate("qkv")} if mode == "branch" else None
+            model.blocks[0].attn.qkv = SPTLinear(qkv, rank=2, lora=lora, weight_positions=positions, dropout=0.0,
                                                  drop_path=0.0)
             for p in model.parameters():
                 p.requires_grad_(False)
-            model.blocks[0].attn.qkv.weight_delta.values.requires_grad_(True)
+            for p in model.blocks[0].attn.qkv.parameters():
+                p.requires_grad_(p is not qkv.weight and p is not qkv.bias)
             self.applied = None
         else:
             options = {"lora": dict(rank=2, targets=["q", "k", "v"]),
@@ -96,7 +99,7 @@ class Case:
             extra = ["alpha", "beta", "gamma"] if self.method == "snella" else []
             return [getattr(k, n) for k in layer.kernels.values() for n in ["A", "B", *extra]], degree
         if self.method == "spt_lora":
-            return [layer.weight_delta.values], 1
+            return [layer.weight_delta.values, *layer.lora_B.values()], 1
         if self.method == "hta":
             return [*layer.diag.values(), *layer.up.values()], 1
         return [layer.scale], 1  # arc: ΔW = W0·P·diag(c)·Pᵀ
@@ -161,8 +164,10 @@ def inputs(rows: int = ROWS, seed: int = 11) -> torch.Tensor:
 CASES = [(m, mode, s, scale) for scale in (1e-5, 1e-2) for m, mode, s in [
     ("lora", "-", 0.0), ("snell", "merged", 0.0), ("snell", "merged", 0.9), ("snell", "faithful", 0.0),
     ("snell", "faithful", 0.9), ("snella", "merged", 0.0), ("snella", "merged", 0.9), ("spt_lora", "-", 0.9),
+    ("spt_lora", "branch", 0.9),
     ("hta", "-", 0.0), ("arc", "-", 0.0)]]
-"""method × mode × s × scale; s is SNELL/SNELLA's sparsity (SPT: 90 % of the weight's entries stay frozen)."""
+"""method × mode × s × scale; s is SNELL/SNELLA's sparsity (SPT: 90 % of the weight's entries stay frozen;
+``branch``: with LoRA branches on q, k, v beside δ)."""
 
 
 def autocast_error(spec) -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -51,46 +52,49 @@ def add_to_rows(out: torch.Tensor, deltas: list[tuple[slice, torch.Tensor]]) -> 
 
 
 class _FrozenLinearAccumulator(torch.autograd.Function):
-    """``x·W0ᵀ + b`` for reduced-precision ``x`` and ``W0``, returned as the GEMM's fp32 accumulator instead of
+    """``x·W0ᵀ`` for reduced-precision ``x`` and ``W0``, returned as the GEMM's fp32 accumulator instead of
     rounded to the compute dtype. Saves only the (frozen) weight: no weight gradient is formed."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight):
         flat = x.reshape(-1, x.shape[-1])
         if x.device.type == "cuda":
             y = torch.mm(flat, weight.t(), out_dtype=torch.float32)  # the bf16 GEMM's own fp32 accumulator
         else:
             # bf16 products are exact in fp32, so an fp32 GEMM on the upcast operands is that accumulator
             y = torch.mm(flat.float(), weight.t().float())
-        if bias is not None:
-            y = y + bias.float()
         ctx.save_for_backward(weight)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
         (weight,) = ctx.saved_tensors
-        return grad_y.to(weight.dtype) @ weight, None, None
+        return grad_y.to(weight.dtype) @ weight, None
 
 
-def frozen_linear(base: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+def frozen_linear(base: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None | str = "base"
+                  ) -> tuple[torch.Tensor, torch.dtype]:
     """``base(x)`` for a parallel branch to add its delta to, and the dtype the sum is to be returned in.
 
     Under bf16/fp16 compute ``base(x)`` is rounded to bf16, and a delta below half its ulp added afterwards rounds
     back to it on every row (a LoRA delta of |ΔW| ~ 1e-5 on ViT weights is lost entirely). Here the frozen output
     stays fp32 (on CUDA the bf16 GEMM's own accumulator, on CPU an exact fp32 emulation of it), so that the caller
     adds the delta and rounds once: ``(y + delta).to(dtype)``. fp32/fp64 compute, or a trainable base, is plain
-    ``base(x)``."""
-    weight, bias = base.weight, base.bias
+    ``base(x)``. ``bias`` replaces the base's bias (SPT's bias delta), added in fp32."""
+    weight = base.weight
+    own_bias = isinstance(bias, str)
+    bias = base.bias if own_bias else bias
     device = x.device.type
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
         torch.promote_types(x.dtype, weight.dtype)
-    trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
+    trainable = weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
     if compute in (torch.float32, torch.float64) or trainable:
-        y = base(x)
+        y = base(x) if own_bias else F.linear(x, weight, None if bias is None else bias.to(weight.dtype))
         return y, y.dtype
     with torch.autocast(device, enabled=False):
-        return _FrozenLinearAccumulator.apply(x.to(compute), weight.to(compute), bias), compute
+        y = _FrozenLinearAccumulator.apply(x.to(compute), weight.to(compute))
+        # outside the Function: a bias delta (SPT) gets its gradient from autograd
+        return (y if bias is None else y + bias.float()), compute
 
 
 class AdaptedModule(nn.Module):

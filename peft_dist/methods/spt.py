@@ -36,8 +36,8 @@ from torch import nn
 
 from peft_dist.config import ConfigError, check_range
 from peft_dist.methods.base import (AdaptedModule, MergeError, Method, adapter_parameters, add_to_rows,
-                                    head_parameters)
-from peft_dist.methods.functional.sparse_delta import check_index, compact_index_dtype, sparse_delta_linear
+                                    frozen_linear, head_parameters)
+from peft_dist.methods.functional.sparse_delta import check_index, compact_index_dtype, sparse_delta_accumulated
 from peft_dist.methods.lora import merged_linear
 from peft_dist.methods.registry import register_method
 from peft_dist.methods.spt_sensitivity import (OPS, AllocationError, allocation_json, model_candidates,
@@ -139,10 +139,11 @@ class SPTLinear(AdaptedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.effective_bias()
+        # y stays the fp32 accumulator under bf16 until every branch is added (see frozen_linear), then is rounded
         if self.weight_delta is not None:
-            y = sparse_delta_linear(x, self.base.weight, self.weight_delta(), self.weight_index, bias)
+            y, dtype = sparse_delta_accumulated(x, self.base.weight, self.weight_delta(), self.weight_index, bias)
         else:
-            y = F.linear(x, self.base.weight, bias if bias is None else bias.to(self.base.weight.dtype))
+            y, dtype = frozen_linear(self.base, x, bias)
         if self.lora_slices:
             xd = self.dropout(x)  # one mask shared by the q/k/v branches (official L337)
             y = add_to_rows(y, [(rows, self.drop_path[name](F.linear(F.linear(xd, self.lora_A[name]),
@@ -151,10 +152,10 @@ class SPTLinear(AdaptedModule):
         if self.adapter_slices:
             updates = []
             for name, rows in self.adapter_slices.items():
-                source = x if self.parallel_adapter else self.dropout(y[..., rows])
+                source = x if self.parallel_adapter else self.dropout(y[..., rows].to(dtype))
                 updates.append((rows, self.drop_path[name](self.adapters[name](source))))
             y = add_to_rows(y, updates)
-        return y
+        return y.to(dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scatter(δ) + Σ_slices B·A, in fp32 (or fp64 for fp64 modules)."""

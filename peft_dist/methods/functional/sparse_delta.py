@@ -15,7 +15,9 @@ Function with autocast off, so ``δ`` keeps its own (fp32) dtype and receives it
 In bf16/fp16 the effective weight is never rounded as one matrix (a δ below half a bf16 ulp of W0 would vanish, 91 %
 of δ = 1e-5 entries on ViT weights): as SNELL's merged mode, either one GEMM in the compute dtype over
 ``[x, x]·[W0, scatter(δ)]ᵀ`` (``split``, CUDA) or one fp32 GEMM on the fp32 ``W0 + scatter(δ)`` (``fp32``, CPU);
-see ``kernelized.merged_gemm_for``. The bias is added after the GEMM, in the compute dtype.
+see ``kernelized.merged_gemm_for``. :func:`sparse_delta_linear` adds the bias after the GEMM in the compute dtype;
+:func:`sparse_delta_accumulated` (SPT's layers) returns the fp32 accumulator plus the bias in fp32, for the
+layer's branches to be added before the one rounding.
 """
 from __future__ import annotations
 
@@ -55,9 +57,10 @@ def effective_weight(weight: torch.Tensor, delta: torch.Tensor, index: torch.Ten
 
 
 def _times_effective_weight(a: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor,
-                            transposed: bool) -> torch.Tensor:
+                            transposed: bool, wide: bool = False) -> torch.Tensor:
     """``a·W_effᵀ`` (forward) or ``a·W_eff`` (``transposed=False``: the input gradient) in ``a``'s dtype, with δ
-    kept out of W0's rounding in bf16/fp16 (module docstring)."""
+    kept out of W0's rounding in bf16/fp16 (module docstring); ``wide``: in bf16/fp16 the fp32 accumulator itself,
+    unrounded (for branches still to be added, as ``methods.base.frozen_linear``)."""
     def times(w: torch.Tensor) -> torch.Tensor:
         return a.matmul(w.t() if transposed else w)
 
@@ -65,13 +68,18 @@ def _times_effective_weight(a: torch.Tensor, weight: torch.Tensor, delta: torch.
         return times(effective_weight(weight, delta, index, a.dtype))
     if default_merged_gemm(a.device) == "fp32":
         w = effective_weight(weight, delta, index, torch.float32)
-        return (a.float().matmul(w.t() if transposed else w)).to(a.dtype)
+        out = a.float().matmul(w.t() if transposed else w)
+        return out if wide else out.to(a.dtype)
     scattered = torch.zeros(weight.numel(), dtype=torch.float32, device=weight.device)
     scattered = scattered.index_add_(0, index, delta.float()).view(weight.shape).to(a.dtype)
     # one GEMM over twice the inner dimension: both products are summed before the single rounding of the result
-    if transposed:
-        return torch.cat([a, a], -1).matmul(torch.cat([weight.to(a.dtype), scattered], 1).t())
-    return torch.cat([a, a], -1).matmul(torch.cat([weight.to(a.dtype), scattered], 0))
+    w = torch.cat([weight.to(a.dtype), scattered], 1).t() if transposed else \
+        torch.cat([weight.to(a.dtype), scattered], 0)
+    stacked = torch.cat([a, a], -1)
+    if not wide:
+        return stacked.matmul(w)
+    out = torch.mm(stacked.reshape(-1, stacked.shape[-1]), w, out_dtype=torch.float32)
+    return out.view(*a.shape[:-1], w.shape[1])
 
 
 class SparseDeltaLinearFunction(torch.autograd.Function):
@@ -97,6 +105,35 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
             if need_weight:
                 grad_weight = dense.to(weight.dtype)
         return grad_x, grad_weight, grad_delta, None
+
+
+class _AccumulatedSparseDeltaLinear(SparseDeltaLinearFunction):
+    """:class:`SparseDeltaLinearFunction` returning the fp32 accumulator under bf16/fp16 (``wide``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, delta, index):
+        ctx.save_for_backward(x, weight, delta, index)
+        return _times_effective_weight(x, weight, delta, index, transposed=True, wide=True)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return SparseDeltaLinearFunction.backward(ctx, grad_out.to(ctx.saved_tensors[0].dtype))
+
+
+def sparse_delta_accumulated(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor,
+                             bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.dtype]:
+    """:func:`sparse_delta_linear` for a layer with parallel branches still to add: under bf16/fp16 compute the
+    output is the GEMM's fp32 accumulator plus the bias in fp32 (a bias delta below half an ulp survives too), and
+    the returned dtype is the one the caller rounds the finished sum to."""
+    device_type = x.device.type
+    compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else \
+        torch.promote_types(x.dtype, weight.dtype)
+    if compute in (torch.float32, torch.float64):
+        out = sparse_delta_linear(x, weight, delta, index, bias)
+        return out, out.dtype
+    with torch.autocast(device_type, enabled=False):
+        out = _AccumulatedSparseDeltaLinear.apply(x.to(compute), weight, delta, index)
+        return (out if bias is None else out + bias.float()), compute
 
 
 def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor,
