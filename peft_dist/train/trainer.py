@@ -143,7 +143,10 @@ class Trainer:
         self.eval_history: list[dict[str, float]] = []
         self.preemption = PreemptionFlag()
         resume_from = resolve_resume(cfg.train.resume, self.out_dir)
-        # every check has passed: only now does this run take the directory (and replace an old run, if asked)
+        # every check has passed: only now does this run take the directory (and replace an old run, if asked);
+        # the barrier keeps rank 0's writes from reaching a rank that has not looked at the directory yet
+        if dist.is_initialized():
+            dist.barrier()
         if env.is_main:
             remove_run_files(replaced)
             self.out_dir.mkdir(parents=True, exist_ok=True)
