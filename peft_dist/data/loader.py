@@ -335,10 +335,9 @@ class ExactTrainStream(IterableDataset):
             for b in range(self.start_batch + worker, self.batches_per_epoch, workers):
                 chunk = indices[b * self.batch_size:(b + 1) * self.batch_size]
                 rng = RngScope(derive_seed("augment", self.seed, self.epoch, self.rank, b))
-                batch = next(batches_of((self.split.read(i) for i in chunk), self.decoder, len(chunk),
-                                        self.num_samples, rng, finite=True), None)
-                yield batch if batch is not None else Batch(torch.empty(0, *self.decoder.image_shape),
-                                                            torch.empty(0, dtype=torch.long), ())
+                # finite: a chunk whose samples are all corrupt (and skipped) still yields its empty, counted batch
+                yield next(batches_of((self.split.read(i) for i in chunk), self.decoder, len(chunk),
+                                      self.num_samples, rng, finite=True))
         finally:
             self.split.close()
 
