@@ -159,12 +159,22 @@ class OptimConfig:
     eps: float = 1e-8
     momentum: float = 0.9
     """SGD only."""
+    schedule: Literal["cosine", "timm_epoch"] = "cosine"
+    """``cosine``: linear warm-up then cosine, updated every optimizer step. ``timm_epoch``: timm's
+    ``CosineLRScheduler`` (t_initial = epochs, warmup_t = ``warmup_epochs``, warmup_lr_init = ``warmup_start_lr``,
+    lr_min = ``min_lr``) stepped with the epoch index after each epoch, as SNELL/SNELLA/SPT's scripts do: epoch e
+    trains at the value for e-1 (``peft_dist.train.schedule``)."""
     warmup_steps: int = 0
-    """Linear warm-up from ``warmup_start_lr`` to ``lr``; then cosine to ``min_lr``."""
+    """Linear warm-up from ``warmup_start_lr`` to ``lr``; then cosine to ``min_lr`` (``cosine`` only)."""
     warmup_epochs: float = 0.0
-    """Alternative to warmup_steps, in epochs (converted with the loader's steps per epoch)."""
+    """Alternative to warmup_steps, in epochs (converted with the loader's steps per epoch); ``timm_epoch``:
+    timm's ``warmup_t``, a whole number of epochs >= 1."""
     warmup_start_lr: float = 0.0
+    """The warm-up's first lr (timm's ``warmup_lr_init``)."""
     min_lr: float = 0.0
+    """The cosine's final lr (timm's ``lr_min``)."""
+    warmup_prefix: bool = False
+    """``timm_epoch``: timm's ``warmup_prefix`` (start the cosine after the warm-up); the scripts leave it off."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
@@ -181,6 +191,11 @@ class OptimConfig:
         _check_range("optim.grad_clip", self.grad_clip, low=0.0)
         if self.warmup_steps and self.warmup_epochs:
             raise ConfigError("optim.warmup_steps / optim.warmup_epochs: set one of them, not both")
+        if self.schedule == "timm_epoch" and (self.warmup_steps or self.warmup_epochs < 1
+                                              or self.warmup_epochs != int(self.warmup_epochs)):
+            raise ConfigError(f"optim.warmup_epochs: got {self.warmup_epochs:g} (warmup_steps "
+                              f"{self.warmup_steps}); optim.schedule=timm_epoch needs a whole number of warm-up "
+                              "epochs >= 1 (timm's warmup_t; the papers use 10) and optim.warmup_steps=0")
 
 
 @dataclass

@@ -147,19 +147,17 @@ def build_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, base_lr: float, warmup_start_lr: float,
               min_lr: float) -> float:
-    """Multiplier on ``base_lr`` at ``step``: linear warm-up from warmup_start_lr, then cosine to min_lr."""
-    if warmup_steps > 0 and step < warmup_steps:
-        lr = warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
-    else:
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        lr = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-    return lr / base_lr
+    """Multiplier on ``base_lr`` at ``step`` of the ``cosine`` schedule (``peft_dist.train.schedule``)."""
+    from peft_dist.train.schedule import cosine_factor
+
+    return cosine_factor(step, total_steps, warmup_steps, base_lr, warmup_start_lr, min_lr)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int, warmup_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.lr, cfg.warmup_start_lr, cfg.min_lr))
+    """The ``optim.schedule`` scheduler (``peft_dist.train.schedule``); stepped once per optimizer step."""
+    from peft_dist.train.schedule import build_schedule
+
+    return build_schedule(optimizer, cfg, total_steps, warmup_steps)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
