@@ -18,7 +18,7 @@ import peft_dist
 from conftest import REPO, tiny_vit
 from peft_dist.config import ConfigError, load_config
 from peft_dist.methods.base import AdaptedModule, TrainPlan
-from peft_dist.methods.functional.kernelized import KernelConfig
+from peft_dist.methods.functional.kernelized import KernelConfig, reference_delta_weight
 from peft_dist.methods.snell import (
     KernelFactors,
     SnellLinear,
@@ -89,16 +89,39 @@ def test_placement_trainable_set_and_weight_decay_groups():
     assert id(model.head.weight) in decayed and id(model.blocks[0].attn.qkv.kernels["q"].A) in decayed
 
 
-def test_parameter_counts_match_the_spec_on_vit_b():
-    """Σ r·(d_in + d_out) over 72 matrices: 5,308,416 at r = 32 on ViT-B (§2.4); SNELLA adds 3·72 scalars."""
+def _adapted_widths(model) -> tuple[int, int]:
+    """(Σ(d_in + d_out), number of matrices) over q, k, v, proj, fc1, fc2 of every block, read from the unadapted
+    backbone's own Linear shapes (q, k and v are three d × d slices of the fused qkv)."""
+    total = matrices = 0
+    for block in model.blocks:
+        qkv = block.attn.qkv
+        total += 3 * (qkv.in_features + qkv.out_features // 3)
+        for linear in (block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+            total += linear.in_features + linear.out_features
+        matrices += 6
+    return total, matrices
+
+
+@pytest.mark.parametrize("backbone, widths, table", [
+    # spec §2.4's table: Σ(d_in + d_out) and the trainable parameters in millions at r = 8 / 16 / 32
+    ("vit_base_patch16_224", 165_888, {8: 1.33, 16: 2.65, 32: 5.31}),
+    ("vit_large_patch16_224", 442_368, {8: 3.54}),
+    ("vit_huge_patch14_224", 737_280, {8: 5.90}),
+])
+def test_parameter_counts_match_the_spec_table(backbone, widths, table):
+    """Σ r·(d_in + d_out) over every adapted matrix (§2.4), counted from the adapted model's trainable tensors
+    against the backbone's own layer shapes and the spec's rounded figures; SNELLA adds 3 scalars per matrix."""
     with torch.device("meta"):
-        for name, rank, extra in (("snell", 8, 0), ("snell", 32, 0), ("snella", 32, 216)):
-            model = peft_dist.create_backbone("vit_base_patch16_224", num_classes=100)
-            peft_dist.apply_method(model, name, rank=rank)
-            counts = peft_dist.count_trainable(model)
-            cls_token = 768
-            assert counts["trainable_params_without_head"] == 165_888 * rank + extra + cls_token, (name, rank)
-    assert round(165_888 * 32 / 1e6, 2) == 5.31
+        plain = peft_dist.create_backbone(backbone, num_classes=100)
+        reference, matrices = _adapted_widths(plain)
+        assert (reference, matrices) == (widths, 6 * len(plain.blocks))
+        for rank, millions in table.items():
+            for name, extra in (("snell", 0), ("snella", 3 * matrices)):
+                model = peft_dist.create_backbone(backbone, num_classes=100)
+                peft_dist.apply_method(model, name, rank=rank)
+                adapters = peft_dist.count_trainable(model)["trainable_params_without_head"] - model.cls_token.numel()
+                assert adapters == rank * reference + extra, (backbone, name, rank)
+            assert round(rank * reference / 1e6, 2) == millions, (backbone, rank)
 
 
 def test_initialisation_is_kaiming_uniform_and_the_delta_starts_nonzero():
@@ -222,7 +245,7 @@ def test_merged_faithful_and_reference_paths_agree():
 @pytest.mark.parametrize("mode", ["faithful", "merged"])
 def test_merge_round_trip_within_1e5(mode):
     model = tiny_vit()
-    method = peft_dist.apply_method(model, "snell", rank=4, sparsity=0.7, mode=mode)
+    peft_dist.apply_method(model, "snell", rank=4, sparsity=0.7, mode=mode)
     with torch.no_grad():  # move away from the init so the delta is not negligible
         for k in model.modules():
             if isinstance(k, KernelFactors):
@@ -236,7 +259,21 @@ def test_merge_round_trip_within_1e5(mode):
     assert isinstance(plain.blocks[0].attn.qkv, nn.Linear)
     torch.testing.assert_close(plain(x), before, rtol=0, atol=1e-5)
     assert (plain(x) - tiny_vit()(x)).abs().max() > 1e-3  # the delta is really in there
-    assert method.name == "snell"
+    # every merged weight is W0 + ΔW, ΔW from the official expression (cdist + torch.quantile) in fp64, slice by
+    # slice of the fused qkv; fp32 storage of the sum bounds the error by a few ulps of |W0 + ΔW| ≲ 1
+    merged_layers = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, SnellLinear):
+            continue
+        merged_weight = plain.get_submodule(name).weight.double()
+        expected = module.base.weight.detach().double().clone()
+        for matrix, (start, stop) in module.rows.items():
+            k = module.kernels[matrix]
+            expected[start:stop] += reference_delta_weight(k.A.detach().double(), k.B.detach().double(),
+                                                           k.sparsity_value())
+        torch.testing.assert_close(merged_weight, expected, rtol=0, atol=1e-6, msg=name)
+        merged_layers += 1
+    assert merged_layers == 4 * len(model.blocks)  # qkv, proj, fc1, fc2
 
 
 def test_sparse_delta_export_apply_and_remove():
@@ -373,11 +410,54 @@ def test_recipes_match_the_spec_tables(path, expect):
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
-def test_benchmark_quick_prints_the_ratios():
+QUICK_BACKBONE = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4)
+"""benchmarks/snell_step.py --quick: this ViT, batch 4 of 32-pixel images, 100 classes, one timed round."""
+
+
+def _static_and_trainable_bytes(method: str, **options) -> tuple[int, int]:
+    """(parameter + buffer bytes, trainable bytes) of a quick-mode variant, counted from the real tensors."""
+    model = peft_dist.create_backbone("vit_base_patch16_224", num_classes=100, **QUICK_BACKBONE)
+    peft_dist.apply_method(model, method, **options)
+    static = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return static, trainable
+
+
+def test_benchmark_quick_reports_consistent_ratios_and_peaks():
     out = subprocess.run([sys.executable, str(REPO / "benchmarks/snell_step.py"), "--quick"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("snell_over_lora_step", "fused_speedup_vs_reference", "snell_over_lora_peak",
-                "snell32_over_lora32_peak", "fused_over_reference_peak"):
-        assert isinstance(result[key], float) and result[key] > 0, key
+    assert result["config"] == {"model": "vit_base_patch16_224", "batch": 4, "precision": "fp32", "device": "cpu",
+                                "threads": 1, "reps": 1, "sparsity": 0.9, "quick": True}
+    assert not any(key.startswith("merged_") for key in result)  # the bf16-only comparisons are absent in fp32
+    times, peaks = result["step_s_median"], result["peak_bytes"]
+    assert set(times) == {"lora8", "snell32", "reference32"}
+    assert set(peaks) == {"lora8", "snell8", "lora32", "snell32", "reference32"}
+    assert all(t > 0 for t in times.values())
+    # one round: each step ratio is the ratio of the two reported step times, so the three ratios close a triangle
+    for key, (num, den) in {"snell_over_lora_step": ("snell32", "lora8"),
+                            "fused_speedup_vs_reference": ("reference32", "snell32"),
+                            "reference_over_lora_step": ("reference32", "lora8")}.items():
+        assert result[key] == pytest.approx(times[num] / times[den], rel=1e-12), key
+    assert result["reference_over_lora_step"] == pytest.approx(
+        result["snell_over_lora_step"] * result["fused_speedup_vs_reference"], rel=1e-12)
+    for key, (num, den) in {"snell_over_lora_peak": ("snell8", "lora8"),
+                            "snell32_over_lora32_peak": ("snell32", "lora32"),
+                            "snell32_over_lora8_peak": ("snell32", "lora8"),
+                            "fused_over_reference_peak": ("snell32", "reference32")}.items():
+        assert result[key] == peaks[num] / peaks[den], key
+    # a training step's peak holds at least every parameter and buffer, the batch (4·3·32·32 fp32 images and 4
+    # int64 labels), and per trainable tensor its gradient and AdamW's two moments: counted here from real models
+    # built with the benchmark's options, independently of its storage tracker
+    batch_bytes = 4 * 3 * 32 * 32 * 4 + 4 * 8
+    lora = dict(targets=SIX, dropout=0.0)
+    variants = {"lora8": ("lora", dict(rank=8, alpha=8.0, **lora)),
+                "lora32": ("lora", dict(rank=32, alpha=32.0, **lora)),
+                "snell8": ("snell", dict(rank=8, sparsity=0.9, mode="merged")),
+                "snell32": ("snell", dict(rank=32, sparsity=0.9, mode="merged")),
+                "reference32": ("snell", dict(rank=32, sparsity=0.9, implementation="reference",
+                                               adapter_dropout=0.0, adapter_drop_path=0.0))}
+    for name, (method, options) in variants.items():
+        static, trainable = _static_and_trainable_bytes(method, **options)
+        assert peaks[name] > static + batch_bytes + 3 * trainable, (name, peaks[name], static, trainable)
