@@ -16,12 +16,15 @@ def test_standard_protocol_reports_last_epoch_only(tmp_path):
     assert [e["epoch"] for e in s["eval_history"]] == [3.0]
 
 
-def test_paper_protocol_evaluates_last_ten_and_every_tenth_epoch(tmp_path):
+def test_paper_protocol_evaluates_on_the_official_epochs(tmp_path):
+    """The scripts evaluate after 0-based epoch e when ``e % val_interval == 0 or e >= epochs - 10``: for 25
+    epochs after e = 0, 10 and 15-24, i.e. after 1, 11 and 16-25 completed epochs (eval_history counts those)."""
     batches = fixed_batches(n=1)
     cfg = tiny_cfg(tmp_path, "linear", "train.epochs=25", "train.protocol=paper", "tracking.enabled=true")
     s = Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches).fit()
     epochs = [e["epoch"] for e in s["eval_history"]]
-    assert epochs == [10.0] + [float(e) for e in range(16, 26)]
+    official = [e for e in range(25) if e % 10 == 0 or e >= 25 - 10]
+    assert epochs == [float(e + 1) for e in official] == [1.0, 11.0] + [float(e) for e in range(16, 26)]
     best = max(s["eval_history"], key=lambda e: e["top1"])
     assert s["top1_paper_protocol"] == best["top1"] >= s["top1"]
     assert s["protocol"] == PAPER_PROTOCOL_LABEL and "test split" in s["protocol"]
@@ -34,3 +37,14 @@ def test_paper_protocol_evaluates_last_ten_and_every_tenth_epoch(tmp_path):
     run = mlflow.get_run(s["mlflow_run_id"])
     assert run.data.tags["protocol"] == PAPER_PROTOCOL_LABEL
     assert run.data.metrics["eval_top1_paper_protocol"] == s["top1_paper_protocol"]
+
+
+def test_paper_protocol_val_interval_and_standard_interval(tmp_path):
+    batches = fixed_batches(n=2, bs=4)  # 2 steps per epoch: evaluations happen at epoch ends only
+    cfg = tiny_cfg(tmp_path / "paper", "linear", "train.epochs=14", "train.protocol=paper",
+                   "train.eval_every_epochs=3")
+    s = Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches).fit()
+    assert [e["epoch"] for e in s["eval_history"]] == [1.0, 4.0] + [float(e) for e in range(5, 15)]
+    cfg = tiny_cfg(tmp_path / "standard", "linear", "train.epochs=7", "train.eval_every_epochs=3")
+    s = Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches).fit()
+    assert [e["epoch"] for e in s["eval_history"]] == [3.0, 6.0, 7.0]

@@ -241,15 +241,20 @@ class Trainer:
         return self.finish(top1, train_time)
 
     def eval_due(self, steps_done: int) -> bool:
-        """Evaluate at an epoch end every ``eval_every_epochs``; the paper protocol also evaluates in each of the
-        last 10 epochs (SNELL's scripts: every 10 epochs and every epoch of the last 10)."""
+        """Evaluate at an epoch end. ``standard``: after every ``eval_every_epochs`` completed epochs. ``paper``:
+        the official epochs — after 0-based epoch ``e`` when ``e % val_interval == 0 or e >= epochs - 10``
+        (SNELL/SNELLA/SPT's scripts; val_interval = ``eval_every_epochs``, 10 by default): 100 epochs evaluate
+        after epochs 0, 10, ..., 80 and every one of 90-99."""
         if steps_done % self.steps_per_epoch:
             return False
-        epoch = steps_done // self.steps_per_epoch
-        every = self.cfg.train.eval_every_epochs or (10 if self.cfg.train.protocol == "paper" else 0)
+        completed = steps_done // self.steps_per_epoch
+        if self.cfg.train.protocol != "paper":
+            every = self.cfg.train.eval_every_epochs
+            return bool(every and completed % every == 0)
+        epoch = completed - 1  # the 0-based index of the epoch just trained
+        val_interval = self.cfg.train.eval_every_epochs or 10
         total_epochs = -(-self.total_steps // self.steps_per_epoch)
-        in_last_ten = self.cfg.train.protocol == "paper" and epoch > total_epochs - 10
-        return bool(every and epoch % every == 0) or in_last_ten
+        return epoch % val_interval == 0 or epoch >= total_epochs - 10
 
     def batch_stream(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """Micro-batches across epoch boundaries (the loader is re-seeded per epoch), from micro-batch ``start``:
