@@ -10,30 +10,137 @@ model family has one. The classification head is re-initialised whenever its sha
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
+import sys
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
+from peft_dist.config import ConfigError
+
 CHECKPOINT_SUFFIXES = (".npz", ".pth", ".pt", ".bin", ".safetensors")
+VIT_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+"""The Linear layers every method adapts in each block (``peft_dist.models.targets``)."""
+SET_BY_PEFT_DIST = {"num_classes": "model.num_classes", "drop_path_rate": "model.drop_path_rate",
+                    "pretrained": "model.checkpoint (weights come from a local file only)"}
+"""``create_model`` arguments that come from other config keys, never from ``model.kwargs``."""
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable or does not fit the model; the message names the file/tensors."""
 
 
+class BackboneConfigError(ConfigError, CheckpointError):
+    """``model.name`` / ``model.kwargs`` / ``data.img_size`` do not describe a timm ViT the methods can adapt. A
+    config error; also a :class:`CheckpointError`, which is what an unknown model name raised before."""
+
+
 def create_backbone(name: str, num_classes: int, checkpoint: str | Path | None = None, **timm_kwargs) -> nn.Module:
-    """Build ``timm.create_model(name, num_classes=...)`` and load local weights (head re-sized to the task)."""
+    """Build ``timm.create_model(name, num_classes=...)`` and load local weights (head re-sized to the task).
+
+    The model must be a ViT the methods can adapt (blocks holding :data:`VIT_LINEARS`); a name timm does not know,
+    a ``timm_kwargs`` key the model does not take and a non-ViT are :class:`BackboneConfigError` naming the key."""
+    check_kwargs_keys({k: v for k, v in timm_kwargs.items() if k != "drop_path_rate"})
+    if not timm.is_model(name):
+        raise BackboneConfigError(f"model.name: unknown timm model {name!r}; allowed: a timm ViT such as "
+                                  "vit_base_patch16_224 (see timm.list_models('vit_*'))")
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise CheckpointError(f"model.name: unknown timm model {name!r} (see timm.list_models())") from None
-        raise
+    except (TypeError, ValueError, AssertionError) as e:  # timm's constructors check their arguments this way
+        raise kwargs_error(name, timm_kwargs, e) from None
+    check_vit(model, name)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model
+
+
+def check_kwargs_keys(kwargs: dict[str, Any]) -> None:
+    for key, instead in SET_BY_PEFT_DIST.items():
+        if key in kwargs:
+            raise BackboneConfigError(f"model.kwargs.{key}: set by peft-dist; use {instead}")
+
+
+def kwargs_error(name: str, timm_kwargs: dict[str, Any], error: Exception) -> BackboneConfigError:
+    """One line naming the ``model.kwargs`` key timm refused and the keys the model takes."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    unexpected = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", text)
+    if unexpected and unexpected.group(2) in timm_kwargs:
+        class_name, key = unexpected.groups()
+        allowed = init_parameters(name, class_name)
+        hint = f"; allowed keys of {class_name}: {', '.join(allowed)}" if allowed else ""
+        return BackboneConfigError(f"model.kwargs: unknown key {key!r} for {name}{hint}")
+    given = ", ".join(f"{k}={v!r}" for k, v in timm_kwargs.items() if k not in SET_BY_PEFT_DIST)
+    return BackboneConfigError(f"model.kwargs: timm cannot build {name} with {given or 'no kwargs'}: "
+                               f"{type(error).__name__}: {text}")
+
+
+def init_parameters(name: str, class_name: str) -> list[str]:
+    """The constructor arguments of the timm class ``class_name`` that builds ``name`` ([] if not found)."""
+    from timm.models import model_entrypoint
+
+    module = sys.modules.get(model_entrypoint(name).__module__)
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        return []
+    skip = {"self", "args", "kwargs", "device", "dtype", *SET_BY_PEFT_DIST}
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in skip]
+
+
+def check_vit(model: nn.Module, name: str) -> None:
+    """The methods adapt ViT blocks (:data:`VIT_LINEARS` in each); anything else is refused naming ``model.name``."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks):
+        lacking = [path for path in VIT_LINEARS if not isinstance(_submodule(blocks[0], path), nn.Linear)]
+        what = f"ViT blocks without {', '.join(lacking)}"
+    else:
+        lacking, what = list(VIT_LINEARS), "no ViT blocks"
+    if lacking:
+        raise BackboneConfigError(f"model.name: {name} builds a {type(model).__name__} with {what}; allowed: a "
+                                  "timm ViT whose blocks hold attn.qkv, attn.proj, mlp.fc1 and mlp.fc2, such as "
+                                  "vit_base_patch16_224 (see timm.list_models('vit_*'))")
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The (height, width) a ViT's patch embedding requires; None when it takes any size (``dynamic_img_size``)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    if size is None or getattr(model, "dynamic_img_size", False) or not getattr(patch_embed, "strict_img_size", True):
+        return None
+    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+
+def check_image_size(model: nn.Module, img_size: int, origin: str = "model.kwargs.img_size") -> None:
+    """``data.img_size`` must be what the model was built for (timm ViTs assert it at the first forward);
+    ``origin`` says where the model's size comes from."""
+    required = input_size(model)
+    if required is not None and required != (img_size, img_size):
+        raise BackboneConfigError(f"data.img_size: got {img_size}, but the model takes {required[0]}x{required[1]} "
+                                  f"images ({origin}); set data.img_size={required[0]}, or "
+                                  f"model.kwargs.img_size={img_size} (a new position embedding)")
+
+
+def check_model_config(model_cfg, img_size: int) -> None:
+    """Everything :func:`create_backbone` and the first forward would refuse about ``model.*`` and
+    ``data.img_size``, found by building the model on the meta device (no memory, no weights read): a bad name,
+    kwargs or image size is one line before any data is read or file written."""
+    check_kwargs_keys(model_cfg.kwargs)
+    with torch.device("meta"):
+        model = create_backbone(model_cfg.name, model_cfg.num_classes, None,
+                                drop_path_rate=model_cfg.drop_path_rate, **model_cfg.kwargs)
+    given = model_cfg.kwargs.get("img_size")
+    origin = f"model.kwargs.img_size={given}" if given is not None else f"the default of {model_cfg.name}"
+    check_image_size(model, img_size, origin)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
