@@ -37,16 +37,21 @@ def _run_distributed(cfg, work: Callable):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from peft_dist.config import load_config
+    from peft_dist.config import load_config, resolve_global_batch
     from peft_dist.train.trainer import train
 
     cfg = load_config(args.config, args.overrides + (["train.protocol=paper"] if args.paper_protocol else []))
     if args.dry_run:
         from launcher.dry_run import dry_run, format_report
 
-        report = dry_run(cfg, args.world_size)
+        report = dry_run(resolve_global_batch(cfg, args.world_size), args.world_size)
         print(format_report(report))
         return 0
+    from launcher.env import read_dist_env
+
+    # data.global_batch_size: the per-rank batch and grad_accum follow from this launch's world size (torchrun's
+    # or srun's variables), checked before any process group starts
+    resolve_global_batch(cfg, read_dist_env().world_size)
     env, summary = _run_distributed(cfg, lambda env, device: train(cfg, env, device))
     if env.is_main:
         print_summary(summary, cfg.train.out_dir)

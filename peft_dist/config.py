@@ -67,7 +67,13 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "test"
     batch_size: int = 32
-    """Per-rank micro-batch size; the global batch is batch_size x world_size x train.grad_accum."""
+    """Per-rank micro-batch size; the global batch is batch_size x world_size x train.grad_accum. With
+    ``global_batch_size`` set: the largest micro-batch a rank may take (derived per world size)."""
+    global_batch_size: int = 0
+    """Images per optimizer step over all ranks (0: off, ``batch_size`` is per rank). When set, the per-rank batch
+    is global_batch_size / world size, taken as ``train.grad_accum`` micro-batches of at most ``batch_size`` (the
+    fewest that fit, at least the configured grad_accum): a recipe means the same run on 1 or 64 ranks
+    (``resolve_global_batch``)."""
     eval_batch_size: int = 64
     num_workers: int = 2
     """DataLoader worker processes per rank (0: decode in the training process)."""
@@ -80,6 +86,12 @@ class DataConfig:
     """Per-channel normalisation std (ImageNet's by default; the IN-21k ViTs use 0.5, 0.5, 0.5)."""
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
     """Resampling filter of the resize / random-resized-crop transforms."""
+    transform: Literal["custom", "vtab", "fgvc_snell", "fgvc_spt_arc"] = "custom"
+    """``custom``: built from ``augment`` / ``interpolation``. The others are the official pipelines
+    (``peft_dist.data.transforms``; they ignore ``augment`` and ``interpolation``): ``vtab`` squash-resize bicubic,
+    train and eval; ``fgvc_snell`` timm ``create_transform(is_training=True)`` with its defaults (random-resized
+    crop, flip, colour jitter 0.4), eval resize 256 bilinear + centre crop; ``fgvc_spt_arc`` resize 256 → random
+    crop + flip, eval resize 256 → centre crop."""
     sampling: Literal["auto", "exact", "resampled"] = "auto"
     """``exact`` (what ``auto`` means for shards written by ``peft-dist shards``, whose sample counts are known):
     every epoch draws each training sample once, from a permutation seeded by ``train.seed`` and the epoch, dealt
@@ -110,10 +122,33 @@ class DataConfig:
     def validate(self) -> None:
         for key in ("batch_size", "eval_batch_size", "img_size", "synthetic_samples", "synthetic_classes"):
             _check_range(f"data.{key}", getattr(self, key), low=1)
+        _check_range("data.global_batch_size", self.global_batch_size, low=0)
         _check_range("data.num_workers", self.num_workers, low=0)
         _check_range("data.shuffle_buffer", self.shuffle_buffer, low=0)
         for i, s in enumerate(self.std):
             _check_range(f"data.std[{i}]", s, low=0.0, low_open=True)
+
+
+def resolve_global_batch(cfg: "RunConfig", world_size: int) -> "RunConfig":
+    """Set ``data.batch_size`` and ``train.grad_accum`` from ``data.global_batch_size`` for ``world_size`` ranks, in
+    place (nothing when it is 0). Each rank takes global / world images per optimizer step, in the fewest
+    micro-batches of at most ``data.batch_size`` (and at least ``train.grad_accum``) that divide it evenly. The same
+    world size gives the same result again, so resolving twice (CLI, then the trainer) is harmless."""
+    total = cfg.data.global_batch_size
+    if not total:
+        return cfg
+    if total % world_size:
+        raise ConfigError(f"data.global_batch_size: {total} images do not divide over {world_size} ranks; use a "
+                          f"multiple of {world_size}, or a world size that divides {total}")
+    per_rank = total // world_size
+    if cfg.train.grad_accum > per_rank:
+        raise ConfigError(f"train.grad_accum: {cfg.train.grad_accum} micro-batches exceed the {per_rank} images per "
+                          f"rank (data.global_batch_size {total} over {world_size} ranks)")
+    accum = max(cfg.train.grad_accum, -(-per_rank // cfg.data.batch_size))
+    while per_rank % accum:
+        accum += 1
+    cfg.data.batch_size, cfg.train.grad_accum = per_rank // accum, accum
+    return cfg
 
 
 @dataclass

@@ -83,3 +83,145 @@ def test_timm_epoch_needs_whole_warmup_epochs():
     with pytest.raises(ConfigError, match=r"optim\.warmup_epochs.*timm_epoch") as err:
         load_config(None, ["optim.schedule=timm_epoch", "optim.warmup_epochs=2.5"])
     assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def photo(width: int = 317, height: int = 263):
+    """A non-square RGB image with structure at every scale (a resize or crop that differs shows)."""
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) % 97 * 2.6], axis=-1)
+    return Image.fromarray(np.clip(base + g.normal(0, 20, base.shape), 0, 255).astype("uint8"), "RGB")
+
+
+def official_pipeline(preset: str, train: bool):
+    """Each family's pipeline, written out from timm's and torchvision's classes as the official code composes
+    them (spec snell_snella §5.1, spt_arc_hta §1.2/§2.3)."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision import transforms as T
+
+    tail = [T.ToTensor(), T.Normalize(**IMAGENET)]
+    if preset == "vtab":  # --direct_resize: Resize((224, 224), interpolation=3) + CenterCrop(224)
+        return T.Compose([T.Resize((224, 224), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), *tail])
+    if preset == "fgvc_snell" and train:  # timm create_transform(is_training=True): its transforms_imagenet_train
+        return T.Compose([RandomResizedCropAndInterpolation(224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                                                            interpolation="bicubic"),
+                          T.RandomHorizontalFlip(0.5), T.ColorJitter(0.4, 0.4, 0.4), *tail])
+    if preset == "fgvc_snell":
+        return T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(224), *tail])
+    if train:  # fgvc_spt_arc
+        return T.Compose([T.Resize(256), T.RandomCrop(224), T.RandomHorizontalFlip(), *tail])
+    return T.Compose([T.Resize(256), T.CenterCrop(224), *tail])
+
+
+def seeded(transform, image, seed: int):
+    """Apply ``transform`` with torch's and Python's RNGs (timm's crop draws from ``random``) fixed to ``seed``."""
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return transform(image)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("preset", ["vtab", "fgvc_snell", "fgvc_spt_arc"])
+def test_transform_preset_gives_the_official_pipelines_tensor(preset, train):
+    from peft_dist.data.transforms import build_transform
+
+    cfg = load_config(None, [f"data.transform={preset}", "data.augment=randaug"])  # a preset ignores augment
+    ours, reference, image = build_transform(cfg.data, train=train), official_pipeline(preset, train), photo()
+    outputs = set()
+    for seed in range(6):
+        got = seeded(ours, image, seed)
+        assert got.shape == (3, 224, 224) and got.dtype == torch.float32
+        assert torch.equal(got, seeded(reference, image, seed)), f"{preset} seed {seed}"
+        outputs.add(got.numpy().tobytes())
+    random_pipeline = train and preset != "vtab"
+    assert len(outputs) == (6 if random_pipeline else 1)  # the random ones really draw; eval and VTAB do not
+
+
+def test_custom_transform_is_unchanged_by_the_presets():
+    """``data.transform: custom`` (the default) still squashes bicubic with ``augment: none``: the same tensor as
+    the ``vtab`` preset, whose CenterCrop after the squash is a no-op."""
+    from peft_dist.data.transforms import build_transform
+
+    image = photo()
+    custom = build_transform(load_config(None, []).data, train=False)(image)
+    vtab = build_transform(load_config(None, ["data.transform=vtab"]).data, train=False)(image)
+    torch.testing.assert_close(custom, vtab, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- global batch
+RECIPE = "configs/recipes/snell/snell32/vtab/cifar.yaml"
+"""A paper recipe (global batch 16, timm_epoch schedule), shrunk to a tiny ViT on synthetic data below."""
+
+
+def recipe_argv(out_dir, engine: str) -> list[str]:
+    from conftest import REPO, TINY_VIT
+
+    kw = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_VIT.items()) + "}"
+    return ["train", "--config", str(REPO / RECIPE), "model.name=vit_tiny_patch16_224", f"model.kwargs={kw}",
+            "model.num_classes=5", "data.source=synthetic", "data.synthetic_classes=5", "data.synthetic_samples=64",
+            "data.batch_size=4", "data.img_size=32", "data.num_workers=0", "method.rank=4", "train.epochs=3", "train.log_every=1",
+            "train.progress=false", "tracking.enabled=false", f"train.out_dir={out_dir}", f"dist.engine={engine}"]
+
+
+def cli_train_as_rank(rank: int, world: int, port: int, argv: list[str]) -> None:
+    """One rank of ``torchrun peft-dist train ...``: the launcher's variables, then the CLI itself."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from peft_dist.cli import main
+
+    assert main(argv) == 0
+
+
+def run_record(out_dir) -> dict:
+    import yaml
+
+    cfg = yaml.safe_load((out_dir / "config.yaml").read_text())
+    summary = json.loads((out_dir / "summary.json").read_text())
+    lrs = [json.loads(line)["lr"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"world": summary["world_size"], "steps": summary["steps"], "lrs": lrs,
+            "per_rank": cfg["data"]["batch_size"], "accum": cfg["train"]["grad_accum"],
+            "global": cfg["data"]["batch_size"] * summary["world_size"] * cfg["train"]["grad_accum"]}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_recipe_on_one_and_two_ranks_trains_the_same_global_batch_and_lr(tmp_path, monkeypatch):
+    from conftest import spawn_two_ranks
+    from peft_dist.cli import main
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(recipe_argv(tmp_path / "one", "single")) == 0
+    spawn_two_ranks(cli_train_as_rank, recipe_argv(tmp_path / "two", "ddp"))
+    one, two = run_record(tmp_path / "one"), run_record(tmp_path / "two")
+    assert (one["world"], two["world"]) == (1, 2)
+    assert one["global"] == two["global"] == 16  # the recipe's data.global_batch_size
+    assert (one["per_rank"], one["accum"]) == (4, 4) and (two["per_rank"], two["accum"]) == (4, 2)
+    assert one["steps"] == two["steps"] == 3 * 64 // 16
+    assert one["lrs"] == two["lrs"] and len(one["lrs"]) == 12
+    assert one["lrs"][::4] == official_epoch_lrs(3)  # 4 steps an epoch, each epoch at timm's official lr
+
+
+def test_global_batch_that_does_not_divide_is_one_line_naming_the_keys():
+    from peft_dist.config import resolve_global_batch
+
+    cfg = load_config(None, ["data.global_batch_size=64", "data.batch_size=16"])
+    assert (resolve_global_batch(cfg, 8).data.batch_size, cfg.train.grad_accum) == (8, 1)
+    assert (resolve_global_batch(cfg, 8).data.batch_size, cfg.train.grad_accum) == (8, 1)  # idempotent
+    cfg = load_config(None, ["data.global_batch_size=64", "data.batch_size=5"])
+    assert (resolve_global_batch(cfg, 2).data.batch_size, cfg.train.grad_accum) == (4, 8)  # 32 = 8 x 4 <= 5
+    with pytest.raises(ConfigError, match=r"^data\.global_batch_size: 64 images do not divide over 3 ranks") as e:
+        resolve_global_batch(load_config(None, ["data.global_batch_size=64"]), 3)
+    assert "\n" not in str(e.value)

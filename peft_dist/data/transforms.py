@@ -48,8 +48,51 @@ def decode_sample(sample: dict[str, Any], num_classes: int):
     return rgb, label
 
 
+TRANSFORM_PRESETS = ("vtab", "fgvc_snell", "fgvc_spt_arc")
+"""``data.transform`` values that name an official pipeline (``custom`` builds from ``data.augment``)."""
+
+
+def build_preset_transform(preset: str, train: bool, img_size: int, mean: tuple[float, ...],
+                           std: tuple[float, ...]) -> Callable:
+    """The official pipeline of a recipe family, built from timm / torchvision as those scripts build it.
+
+    * ``vtab`` — SNELL/SNELLA ``--no_aug --direct_resize``, SPT, ARC and HTA: ``Resize((224, 224), bicubic)`` +
+      ``CenterCrop(224)`` (a no-op after the squash, kept as the scripts have it) for train and eval (spec
+      snell_snella §5.1, spt_arc_hta §1.2/§2.3).
+    * ``fgvc_snell`` — SNELL/SNELLA FGVC: train is timm ``create_transform(is_training=True)`` with timm's defaults
+      (random-resized crop scale 0.08-1, flip 0.5, colour jitter 0.4, no auto-augment, no random erasing) and bicubic
+      resampling (the scripts' train interpolation); eval ``Resize(256)`` (bilinear, shorter side) +
+      ``CenterCrop(224)`` (spec snell_snella §5.1).
+    * ``fgvc_spt_arc`` — ARC's ``Data_process/tranforms.py`` (SPT's FGVC code is unreleased; SNELL reports it
+      "following SPT"): train ``Resize(256)`` → ``RandomCrop(224)`` → ``RandomHorizontalFlip``; eval ``Resize(256)``
+      → ``CenterCrop(224)``, torchvision's default (bilinear) resampling (spec spt_arc_hta §2.3).
+    256 scales with ``img_size`` as 256/224 (DeiT's rule the scripts inherit). All end in ToTensor + Normalize."""
+    from torchvision import transforms as T
+
+    InterpolationMode = T.InterpolationMode
+    tail = [T.ToTensor(), T.Normalize(mean=mean, std=std)]
+    resize_size = int(256 / 224 * img_size)
+    if preset == "vtab":
+        return T.Compose([T.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC),
+                          T.CenterCrop(img_size), *tail])
+    if preset == "fgvc_snell":
+        if train:
+            from timm.data import create_transform
+
+            return create_transform(input_size=img_size, is_training=True, color_jitter=0.4, auto_augment=None,
+                                    interpolation="bicubic", re_prob=0.0, mean=mean, std=std)
+        return T.Compose([T.Resize(resize_size, interpolation=InterpolationMode.BILINEAR),
+                          T.CenterCrop(img_size), *tail])
+    if preset == "fgvc_spt_arc":
+        if train:
+            return T.Compose([T.Resize(resize_size), T.RandomCrop(img_size), T.RandomHorizontalFlip(), *tail])
+        return T.Compose([T.Resize(resize_size), T.CenterCrop(img_size), *tail])
+    raise ValueError(f"data.transform: got {preset!r}; allowed: custom, {', '.join(TRANSFORM_PRESETS)}")
+
+
 def build_transform(cfg, train: bool) -> Callable:
-    """PIL image → normalised ``FloatTensor[3, img_size, img_size]`` via ``timm.data.create_transform``.
+    """PIL image → normalised ``FloatTensor[3, img_size, img_size]``: the ``data.transform`` preset
+    (:func:`build_preset_transform`), or with ``custom`` via ``timm.data.create_transform`` as below.
 
     ``augment`` (train only; eval always uses ``none``):
       * ``none``    — resize (squash, no crop) to ``img_size``: the VTAB-1k protocol;
@@ -57,6 +100,9 @@ def build_transform(cfg, train: bool) -> Callable:
       * ``randaug`` — random resized crop + flip + RandAugment (:data:`RANDAUGMENT`).
     Normalisation uses ``cfg.mean`` / ``cfg.std`` (ImageNet's by default; 0.5/0.5 for the IN-21k ViTs).
     """
+    preset = getattr(cfg, "transform", "custom")
+    if preset != "custom":
+        return build_preset_transform(preset, train, cfg.img_size, tuple(cfg.mean), tuple(cfg.std))
     from timm.data import create_transform
 
     common = dict(input_size=cfg.img_size, mean=tuple(cfg.mean), std=tuple(cfg.std), interpolation=cfg.interpolation)
