@@ -217,7 +217,9 @@ class OptimConfig:
         _check_range("optim.lr", self.lr, low=0.0, low_open=True)
         _check_range("optim.weight_decay", self.weight_decay, low=0.0)
         for i, b in enumerate(self.betas):
-            _check_range(f"optim.betas[{i}]", b, low=0.0, high=1.0)
+            _check_range(f"optim.betas[{i}]", b, low=0.0)
+            if b >= 1.0:  # a decay of 1 never forgets: Adam's bias correction divides by zero
+                raise ConfigError(f"optim.betas[{i}]: got {b!r}; allowed: >= 0.0 and < 1.0")
         _check_range("optim.eps", self.eps, low=0.0, low_open=True)
         _check_range("optim.warmup_steps", self.warmup_steps, low=0)
         _check_range("optim.warmup_epochs", self.warmup_epochs, low=0.0)
@@ -348,9 +350,39 @@ def load_config(path: str | Path | list[str | Path] | None = None, overrides: li
     raw: dict[str, Any] = {}
     for one in paths:
         _deep_merge(raw, _read_yaml(Path(one)))
+    from_files = dict(raw["method"]) if isinstance(raw.get("method"), dict) else {}
     for item in overrides or []:
         apply_override(raw, item)
+    drop_options_of_a_switched_method(raw, from_files, overrides or [])
     return config_from_dict(raw)
+
+
+def drop_options_of_a_switched_method(raw: dict[str, Any], from_files: dict[str, Any], overrides: list[str]) -> None:
+    """``method.name=B`` on the command line over files configuring method A: A's options that B does not take are
+    dropped (and logged), so one recipe serves to compare methods; B's own options, and every ``method.*`` given
+    on the command line, stay and are validated."""
+    method = raw.get("method")
+    if not isinstance(method, dict) or not from_files:
+        return
+    new_name = method.get("name", "lora")
+    if from_files.get("name", "lora") == new_name:
+        return
+    from peft_dist.methods.registry import method_class, method_names
+
+    if new_name not in method_names():
+        return  # validation names the unknown method
+    accepted = {f.name for f in dataclasses.fields(method_class(new_name).options_cls)}
+    overridden = {item.partition("=")[0].strip().split(".")[1] for item in overrides
+                  if item.partition("=")[0].strip().startswith("method.")}
+    dropped = [k for k in method if k != "name" and k not in accepted and k not in overridden]
+    for key in dropped:
+        del method[key]
+    if dropped:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "method.name=%s (command line): dropped the config file's %s options %s, which %s does not take",
+            new_name, from_files.get("name", "lora"), ", ".join(dropped), new_name)
 
 
 def _read_yaml(p: Path) -> dict[str, Any]:
@@ -362,12 +394,25 @@ def read_yaml_mapping(p: Path, missing: str, expected: str) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{missing}: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a YAML text file (byte {e.start} is not UTF-8)") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raise ConfigError(f"{p}: not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be {expected}")
     return data
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong and where."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        return f"{getattr(error, 'problem', None) or type(error).__name__} (line {mark.line + 1}, column " \
+               f"{mark.column + 1})"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    position = getattr(error, "position", None)
+    return f"{first} (character {position + 1})" if isinstance(position, int) else first
 
 
 def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
