@@ -15,7 +15,7 @@ from launcher.env import EnvError
 from peft_dist.config import ConfigError
 from peft_dist.data.info import DataError
 from peft_dist.methods.base import MergeError
-from peft_dist.models.backbone import CheckpointError
+from peft_dist.models.backbone import CheckpointError, check_model_config
 from peft_dist.tasks import TaskError
 from peft_dist.train.errors import Diverged
 
@@ -41,6 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from peft_dist.train.trainer import train
 
     cfg = load_config(args.config, args.overrides + (["train.protocol=paper"] if args.paper_protocol else []))
+    check_model_config(cfg.model, cfg.data.img_size)
     if args.dry_run:
         from launcher.dry_run import dry_run, format_report
 
@@ -48,21 +49,39 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(format_report(report))
         return 0
     from launcher.env import read_dist_env
+    from peft_dist.engines import check_engine_environment
 
+    launched = read_dist_env()
+    check_engine_environment(cfg.dist.engine, launched)
     # data.global_batch_size: the per-rank batch and grad_accum follow from this launch's world size (torchrun's
     # or srun's variables), checked before any process group starts
-    resolve_global_batch(cfg, read_dist_env().world_size)
+    resolve_global_batch(cfg, launched.world_size)
     env, summary = _run_distributed(cfg, lambda env, device: train(cfg, env, device))
     if env.is_main:
         print_summary(summary, cfg.train.out_dir)
     return 0
 
 
+def check_eval_classes(loader, cfg, run: str) -> None:
+    """A run's model scores only the classes it was trained on: shards with another class count are refused."""
+    classes = getattr(getattr(loader, "info", None), "num_classes", None)
+    if classes is not None and classes != cfg.model.num_classes:
+        where = cfg.data.path if cfg.data.source == "shards" else f"data.source={cfg.data.source}"
+        raise ConfigError(f"data.path: {where} holds {classes} classes, but the run {run} was trained with "
+                          f"model.num_classes={cfg.model.num_classes}; evaluate it on shards of its own classes")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from launcher.env import read_dist_env
     from peft_dist.data import build_eval_loader
     from peft_dist.engines.process_group import all_reduce_sum
-    from peft_dist.train.evaluate import restore_run
+    from peft_dist.train.evaluate import load_run_config, restore_run
 
+    cfg = load_run_config(args.run, args.overrides)
+    check_model_config(cfg.model, cfg.data.img_size)
+    env = read_dist_env()
+    loader = build_eval_loader(cfg.data, env.rank, env.world_size)
+    check_eval_classes(loader, cfg, args.run)
     cfg, model, _ = restore_run(args.run, args.overrides)
 
     def work(env, device):
@@ -71,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model.to(device).eval()
         correct = total = 0
         with torch.no_grad():
-            for batch in build_eval_loader(cfg.data, env.rank, env.world_size):
+            for batch in loader:
                 logits = model(batch[0].to(device)).float()
                 correct += int((logits.argmax(-1).cpu() == batch[1]).sum())
                 total += int(batch[1].numel())

@@ -255,7 +255,12 @@ def write_shards(source: str, out_dir: str | Path, shard_size: int = 1000, seed:
     if shard_size < 1:
         raise DataError(f"shard size must be >= 1; got {shard_size}")
     out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out: {out} is a file, not a directory (shards and _info.json go into a directory)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission, a read-only file system
+        raise DataError(f"--out: cannot create the directory {out}: {e.strerror or e}") from None
     classes, splits = resolve_source(source, seed, digits_size, work_dir=out / "_lists")
     (out / INFO_FILE).unlink(missing_ok=True)
     for split in splits:

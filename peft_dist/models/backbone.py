@@ -51,11 +51,17 @@ def create_backbone(name: str, num_classes: int, checkpoint: str | Path | None =
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
     except (TypeError, ValueError, AssertionError) as e:  # timm's constructors check their arguments this way
+        check_vit(_default_on_meta(name), name)  # ViT kwargs on a non-ViT: the name is what is wrong
         raise kwargs_error(name, timm_kwargs, e) from None
     check_vit(model, name)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model
+
+
+def _default_on_meta(name: str) -> nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False)
 
 
 def check_kwargs_keys(kwargs: dict[str, Any]) -> None:
