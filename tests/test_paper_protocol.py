@@ -225,3 +225,70 @@ def test_global_batch_that_does_not_divide_is_one_line_naming_the_keys():
     with pytest.raises(ConfigError, match=r"^data\.global_batch_size: 64 images do not divide over 3 ranks") as e:
         resolve_global_batch(load_config(None, ["data.global_batch_size=64"]), 3)
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------- SPT allocations
+def spt_sensitivity(out_pattern: str) -> None:
+    """``peft-dist sensitivity`` on the tiny ViT (seed 0, 5 classes), one file per budget."""
+    import argparse
+
+    from conftest import TINY_VIT
+    from peft_dist.methods.spt_sensitivity import add_sensitivity_arguments, run_sensitivity
+
+    kw = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_VIT.items()) + "}"
+    cfg = load_config(None, ["model.name=vit_tiny_patch16_224", "model.num_classes=5", f"model.kwargs={kw}",
+                             "data.source=synthetic", "data.batch_size=6", "train.seed=0"])
+    parser = argparse.ArgumentParser()
+    add_sensitivity_arguments(parser)
+    args = parser.parse_args(["--out", out_pattern, "--structured-type", "lora", "--num-batches", "2", "--rank", "2",
+                              "--tau-step", "500", "--tau-count", "60", "--budgets", "0.002", "0.005"])
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 5, (6,), generator=g)) for _ in range(2)]
+    assert run_sensitivity(cfg, args, batches=data) == 0
+
+
+def test_spt_allocation_files_per_budget_and_a_mismatched_file_is_refused_in_one_line(tmp_path):
+    import shutil
+
+    import peft_dist
+    from conftest import tiny_vit
+    from peft_dist.methods.spt_sensitivity import AllocationError, read_allocation, write_allocation
+
+    spt_sensitivity(str(tmp_path / "plain" / "spt_lora_{budget}.json"))
+    per_budget = {b: read_allocation(tmp_path / "plain" / f"spt_lora_{b}.json") for b in ("0.002", "0.005")}
+    assert [[e["budget_m"] for e in doc["budgets"]] for doc in per_budget.values()] == [[0.002], [0.005]]
+    doc = per_budget["0.002"]
+    assert doc["metadata"]["num_classes"] == 5 and len(doc["metadata"]["backbone_sha256"]) == 64
+
+    # the sensitivity pass's data recorded no task: give the file one, as a VTAB task's shards would
+    doc["metadata"]["task"] = "vtab/dtd"
+    write_allocation(tmp_path / "vtab" / "dtd" / "spt_lora_0.002.json", doc)
+    pattern = str(tmp_path / "{task}" / "spt_lora_{budget}.json")
+    options = dict(allocation=pattern, budget=0.002, task="vtab/dtd")
+    peft_dist.apply_method(tiny_vit(num_classes=5, seed=0), "spt_lora", **options)  # the matching run
+
+    def refusal(model, **changes) -> str:
+        with pytest.raises(AllocationError) as err:
+            peft_dist.apply_method(model, "spt_lora", **{**options, **changes})
+        message = str(err.value)
+        assert "\n" not in message and message.startswith("method.allocation: ")
+        return message
+
+    def seven_classes():  # the same backbone weights, another head
+        model = tiny_vit(num_classes=5, seed=0)
+        model.reset_classifier(7)
+        return model
+
+    message = refusal(seven_classes())
+    assert "num_classes 5 in the file, 7 in this run" in message
+    assert "task '" not in message and "backbone weights" not in message
+    message = refusal(tiny_vit(num_classes=5, seed=1))  # another backbone (here: other random weights)
+    assert "backbone weights differ" in message and "num_classes" not in message
+    shutil.copytree(tmp_path / "vtab" / "dtd", tmp_path / "vtab" / "cifar")  # dtd's file where cifar's belongs
+    message = refusal(seven_classes(), task="vtab/cifar")
+    assert "task 'vtab/dtd' in the file, 'vtab/cifar' in this run" in message and "num_classes 5" in message
+    with pytest.raises(AllocationError, match=r"allocation file not found: .*vtab/svhn/spt_lora_0\.002\.json"):
+        load_config(None, ["method.name=spt_lora", f"method.allocation={pattern}", "method.budget=0.002",
+                           "method.task=vtab/svhn"])
+    with pytest.raises(AllocationError, match=r"not found: .*\{task\}/spt_lora_0\.002\.json.*set method\.task"):
+        load_config(None, ["method.name=spt_lora", f"method.allocation={pattern}", "method.budget=0.002"])

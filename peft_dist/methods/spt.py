@@ -40,7 +40,8 @@ from peft_dist.methods.base import (AdaptedModule, MergeError, Method, adapter_p
 from peft_dist.methods.functional.sparse_delta import check_index, compact_index_dtype, sparse_delta_accumulated
 from peft_dist.methods.lora import merged_linear
 from peft_dist.methods.registry import register_method
-from peft_dist.methods.spt_sensitivity import (OPS, AllocationError, allocation_json, model_candidates,
+from peft_dist.methods.spt_sensitivity import (OPS, AllocationError, allocation_json, backbone_fingerprint,
+                                               check_allocation_metadata, expand_allocation_path, model_candidates,
                                                read_allocation, select_budget)
 from peft_dist.models.targets import replace_module
 
@@ -248,9 +249,14 @@ def delta_values(model: nn.Module) -> list[nn.Parameter]:
 @dataclass
 class SPTOptions:
     allocation: str = ""
-    """Allocation JSON written by ``peft-dist sensitivity`` (spt_adapter needs an adapter-derived file, §1.6)."""
+    """Allocation JSON written by ``peft-dist sensitivity`` (spt_adapter needs an adapter-derived file, §1.6); may
+    name ``{task}`` and ``{budget}`` (one file per task and budget, as the official code keeps them)."""
     budget: float = 0.4
     """Which budget of the file to train, in millions of parameters (head excluded, spec §1.3)."""
+    task: str = ""
+    """The task this run trains (``vtab/cifar``, as the shards' ``_info.json`` names it): fills ``{task}`` in
+    ``allocation`` and must be the task the file was computed on (checked with the head size and the backbone's
+    weights when the method is applied)."""
     dropout: float = 0.1
     """Input dropout of the structured modules (spec §1.4; official default 0.1)."""
     drop_path: float = 0.1
@@ -266,13 +272,18 @@ class SPTOptions:
         if not self.allocation:
             raise ConfigError("method.allocation: required; write one with `peft-dist sensitivity --config F "
                               f"--out FILE{' --structured-type adapter' if self.structured_type == 'adapter' else ''}`")
-        doc = read_allocation(self.allocation, key="method.allocation")
+        doc = read_allocation(self.allocation_path, key="method.allocation")
         if doc["structured_type"] != self.structured_type:
             raise AllocationError(
-                f"method.allocation: {self.allocation} was computed for {doc['structured_type']!r} modules; "
+                f"method.allocation: {self.allocation_path} was computed for {doc['structured_type']!r} modules; "
                 f"{'spt_' + self.structured_type} needs a {self.structured_type!r}-derived file (the thresholds and "
                 "costs differ; spec §1.6)")
         select_budget(doc, self.budget)
+
+    @property
+    def allocation_path(self) -> str:
+        """``allocation`` with ``{task}`` and ``{budget}`` filled in."""
+        return expand_allocation_path(self.allocation, self.task, self.budget)
 
 
 @dataclass
@@ -294,13 +305,17 @@ class _SPT(Method):
     """Shared by ``spt_lora`` and ``spt_adapter``; the options class fixes the structured type."""
 
     def _document(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        doc = read_allocation(self.options.allocation, key="method.allocation")
+        doc = read_allocation(self.options.allocation_path, key="method.allocation")
         return doc, select_budget(doc, self.options.budget)
 
     def inject(self, model: nn.Module) -> None:
         o = self.options
         doc, entry = self._document()
         self._check_fits(model, doc)
+        # the file must come from this task, head size and backbone (spec spt_arc_hta §1.1: one per task/budget)
+        check_allocation_metadata(doc, o.allocation_path, {
+            "task": o.task or None, "num_classes": getattr(model, "num_classes", None),
+            "backbone_sha256": backbone_fingerprint(model)})
         structured_type, rank = doc["structured_type"], int(doc["rank"])
         plan: dict[str, dict[str, Any]] = {}
 
@@ -341,7 +356,7 @@ class _SPT(Method):
             elif isinstance(module, nn.LayerNorm):
                 new = SPTLayerNorm(module, spec["weight"], spec["bias"])
             else:
-                raise AllocationError(f"method.allocation: {o.allocation} tunes {path} ({type(module).__name__}); "
+                raise AllocationError(f"method.allocation: {o.allocation_path} tunes {path} ({type(module).__name__}); "
                                       "SPT supports Linear and LayerNorm tensors of plain timm ViTs")
             replace_module(model, path, new)
 
@@ -359,7 +374,7 @@ class _SPT(Method):
         for key in sorted(set(mine) | set(theirs)):
             if mine.get(key) != theirs.get(key):
                 raise AllocationError(
-                    f"method.allocation: {self.options.allocation} does not fit this model: {key} is "
+                    f"method.allocation: {self.options.allocation_path} does not fit this model: {key} is "
                     f"{theirs.get(key, 'absent')} in the file and {mine.get(key, 'absent')} in the model "
                     "(was it computed for another backbone?)")
 
@@ -377,7 +392,7 @@ class _SPT(Method):
         doc, entry = self._document()
         modules = [m for m in model.modules() if isinstance(m, SPTLinear)]
         out = {
-            "allocation_file": str(self.options.allocation),
+            "allocation_file": self.options.allocation_path,
             "structured_type": doc["structured_type"],
             "budget_m": entry["budget_m"], "tau": entry["tau"], "allocation_total": entry["total"],
             "structured_total": entry["structured_total"], "vector_total": entry["vector_total"],

@@ -375,8 +375,9 @@ def read_allocation(path: str | Path, key: str = "allocation") -> dict[str, Any]
     """Read and check an allocation file; errors name the file (and ``key``, the config key it came from)."""
     path = Path(path)
     if not path.is_file():
+        hint = "; set method.task to fill in {task}" if "{task}" in str(path) else ""
         raise AllocationError(f"{key}: allocation file not found: {path} (write one with `peft-dist sensitivity "
-                              "--config F --out FILE`)")
+                              f"--config F --out FILE`{hint})")
     try:
         doc = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -394,6 +395,52 @@ def read_allocation(path: str | Path, key: str = "allocation") -> dict[str, Any]
         raise AllocationError(f"{key}: {path} has structured_type {doc['structured_type']!r}; allowed: "
                               f"{', '.join(STRUCTURED_TYPES)}")
     return doc
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """sha256 of the backbone's weights (every parameter but the head's, in name order): tells a pre-trained
+    backbone from a random one or another checkpoint, whatever the file was called."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    from peft_dist.methods.base import head_parameters
+
+    head = {id(p) for p in head_parameters(model)}
+    for name, p in sorted(model.named_parameters()):
+        if id(p) not in head:
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_allocation_metadata(doc: dict[str, Any], path: str | Path, expected: dict[str, Any],
+                              key: str = "method.allocation") -> None:
+    """Refuse, in one line naming every difference, an allocation computed for another task, head or backbone.
+    Only what both the file's metadata and ``expected`` record is compared (files without metadata pass)."""
+    found = doc.get("metadata") or {}
+    differ = []
+    for name, want in expected.items():
+        have = found.get(name)
+        if want is None or have is None or have == want:
+            continue
+        if name == "backbone_sha256":
+            differ.append(f"backbone weights differ (the file's, from checkpoint {found.get('checkpoint')}, have "
+                          f"sha256 {have[:12]}; this run's {want[:12]})")
+        elif name != "checkpoint":  # a checkpoint path may move: the weights' fingerprint decides
+            differ.append(f"{name} {have!r} in the file, {want!r} in this run")
+    if differ:
+        raise AllocationError(f"{key}: {path} was computed for another run: {'; '.join(differ)}; run `peft-dist "
+                              "sensitivity` for this task and backbone")
+
+
+def expand_allocation_path(pattern: str | Path, task: str | None, budget_m: float, key: str = "method.allocation") -> str:
+    """``{task}`` and ``{budget}`` (in millions, ``0.4``) filled in: one allocation file per task and budget, as the
+    official code keeps them (``sensitivity_<exp>/<task>/param_req_<B>.pth``, spec spt_arc_hta §1.1)."""
+    pattern = str(pattern)
+    try:  # without a task, {task} stays in the path: "not found" then names it (read_allocation)
+        return pattern.format(task=task or "{task}", budget=f"{float(budget_m):g}")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{key}: {pattern}: only {{task}} and {{budget}} may be filled in ({e})") from None
 
 
 def select_budget(doc: dict[str, Any], budget_m: float, where: str = "method.budget") -> dict[str, Any]:
@@ -504,6 +551,8 @@ def _sensitivity(cfg, args: argparse.Namespace, batches: Iterable | None, struct
         from peft_dist.data.loader import build_ordered_loader
 
         batches = build_ordered_loader(cfg.data, rank, world, args.num_batches)
+    fingerprint = backbone_fingerprint(model)
+    task = getattr(getattr(batches, "info", None), "task", None)
     scores = compute_sensitivity(model, batches, args.num_batches, score=args.score, device=device)
     doc = None
     if rank == 0:
@@ -516,17 +565,31 @@ def _sensitivity(cfg, args: argparse.Namespace, batches: Iterable | None, struct
             metadata={"model": cfg.model.name, "model_kwargs": cfg.model.kwargs, "checkpoint": cfg.model.checkpoint,
                       "num_classes": cfg.model.num_classes, "seed": cfg.train.seed, "num_batches": args.num_batches,
                       "batch_size_per_rank": cfg.data.batch_size, "world_size": world, "score": args.score,
-                      "drop_path_rate": cfg.model.drop_path_rate})
+                      "drop_path_rate": cfg.model.drop_path_rate, "task": task,
+                      "backbone_sha256": fingerprint})
     if world > 1:
         box = [doc]
         dist.broadcast_object_list(box, src=0)
         doc = box[0]
+    files = allocation_files(args.out, doc, task)
     if int(os.environ.get("LOCAL_RANK", rank)) == 0:
-        write_allocation(args.out, doc)
+        for path, one in files.items():
+            write_allocation(path, one)
     if world > 1:
         dist.barrier()
     if rank == 0:
         for entry in doc["budgets"]:
             print(format_allocation_table(doc, entry), end="\n\n")
-        print(f"wrote {args.out}")
+        print(f"wrote {', '.join(files)}")
     return 0
+
+
+def allocation_files(out: str, doc: dict[str, Any], task: str | None) -> dict[str, dict[str, Any]]:
+    """``--out`` with ``{budget}``: one file per budget (that budget's entry only); otherwise one file with all.
+    ``{task}`` is the task of the data (``_info.json``)."""
+    if "{task}" in out and not task:
+        raise ConfigError(f"--out {out}: names {{task}}, but the data records no task (no task in _info.json)")
+    if "{budget}" not in out:
+        return {expand_allocation_path(out, task, 0.0, key="--out"): doc}
+    return {expand_allocation_path(out, task, entry["budget_m"], key="--out"): {**doc, "budgets": [entry]}
+            for entry in doc["budgets"]}
