@@ -292,3 +292,23 @@ def test_spt_allocation_files_per_budget_and_a_mismatched_file_is_refused_in_one
                            "method.task=vtab/svhn"])
     with pytest.raises(AllocationError, match=r"not found: .*\{task\}/spt_lora_0\.002\.json.*set method\.task"):
         load_config(None, ["method.name=spt_lora", f"method.allocation={pattern}", "method.budget=0.002"])
+
+
+# ----------------------------------------------------------------------------------------------- options
+@pytest.mark.parametrize("decay_vectors", [False, True])
+def test_hta_weight_decay_scope(decay_vectors):
+    """HTA's AdamW decays every trainable tensor with ``decay_vectors`` (ARC's code), else only >= 2-D ones."""
+    import peft_dist
+    from conftest import tiny_vit
+    from peft_dist.engines.engine import build_optimizer
+
+    model = tiny_vit()
+    method = peft_dist.apply_method(model, "hta", rank=1, decay_vectors=decay_vectors)
+    optimizer = build_optimizer(method.param_groups(model, 0.05), load_config(None, []).optim)
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(decay_of) == {id(p) for p in trainable.values()}
+    vectors = [n for n, p in trainable.items() if p.ndim == 1]
+    assert any(".v_left." in n for n in vectors) and any(".diag." in n for n in vectors)
+    for name, p in trainable.items():
+        assert decay_of[id(p)] == (0.05 if decay_vectors or p.ndim >= 2 else 0.0), name

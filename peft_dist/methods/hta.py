@@ -46,6 +46,10 @@ class HTAOptions:
     """Dropout on the branch input (the paper's "adapter dropout" grid: 0–0.5)."""
     diag_init_std: float = 0.0
     """Std of d's init; 0 starts at the pretrained function (the v's then get gradient once d moves)."""
+    decay_vectors: bool = False
+    """Weight decay on every trainable tensor, the reflectors v and the diagonal d included (true; ARC's code, which
+    HTA's comparison follows, decays everything: spec spt_arc_hta §2.3), or on the >= 2-D ones only (false, the
+    default: decay on v would pull the reflector's direction, which its normalisation ignores, towards 0)."""
 
     def validate(self) -> None:
         check_range("method.rank", self.rank, low=0)
@@ -141,6 +145,11 @@ class HTALinear(AdaptedModule):
 @register_method("hta", HTAOptions)
 class HTA(Method):
     """HTA branches on q, k, v, proj by default: 5·D parameters per square D×D matrix (spec §3.2)."""
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        if not self.options.decay_vectors:
+            return super().param_groups(model, weight_decay)
+        return [{"params": [p for _, p in self.trainable_parameters(model)], "weight_decay": weight_decay}]
 
     def inject(self, model: nn.Module) -> None:
         o = self.options
