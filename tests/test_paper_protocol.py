@@ -312,3 +312,25 @@ def test_hta_weight_decay_scope(decay_vectors):
     assert any(".v_left." in n for n in vectors) and any(".diag." in n for n in vectors)
     for name, p in trainable.items():
         assert decay_of[id(p)] == (0.05 if decay_vectors or p.ndim >= 2 else 0.0), name
+
+
+def test_spt_norm_entries_counted_not_trained_is_the_official_option(tmp_path):
+    """The official code counts LayerNorm entries picked one by one but never trains them (spec spt_arc_hta §1.5)."""
+    import peft_dist
+    from conftest import tiny_vit
+    from peft_dist.methods.base import count_trainable
+    from test_spt import mixed_allocation
+
+    path, entry = mixed_allocation(tmp_path, "lora")
+    norm_entries = len(entry["unstructured"]["blocks.1.norm1.weight"])
+    counts, summaries = {}, {}
+    for train_norm in (True, False):
+        model = tiny_vit()
+        method = peft_dist.apply_method(model, "spt_lora", allocation=str(path), budget=0.004,
+                                        train_norm_entries=train_norm)
+        counts[train_norm] = count_trainable(model)["trainable_params_without_head"]
+        summaries[train_norm] = method.summary(model)
+        assert (type(model.blocks[1].norm1).__name__ == "SPTLayerNorm") is train_norm
+    assert counts[True] == entry["total"] and counts[False] == entry["total"] - norm_entries > 0
+    assert summaries[False]["unstructured_norm_entries_counted_not_trained"] == norm_entries
+    assert summaries[False]["allocation_total"] == entry["total"]  # still counted in the budget

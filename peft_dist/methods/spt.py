@@ -14,8 +14,9 @@
   vector is tuned whole. So the backbone stays frozen and every trainable tensor lives in an injected module, which
   keeps checkpoints adapter-only and lets engines store frozen weights in bf16 while deltas stay fp32.
 
-Choice on LayerNorm entries (§1.5, §5.4 item 13): unstructured LayerNorm entries **are trained** (the official code
-counts them but never trains them), so the trainable count without the head equals the allocation's total exactly.
+Choice on LayerNorm entries (§1.5, §5.4 item 13): unstructured LayerNorm entries **are trained** by default (the
+official code counts them but never trains them), so the trainable count without the head equals the allocation's
+total exactly; ``train_norm_entries: false`` is the official behaviour (counted in the budget, left frozen).
 
 SPT-Adapter must use adapter-derived allocation files (§1.6, the official script points at LoRA files): the method
 refuses a file whose ``structured_type`` differs. SPT-LoRA merges exactly; SPT-Adapter cannot (GELU) and reports the
@@ -263,6 +264,9 @@ class SPTOptions:
     """Per-module DropPath on the structured modules' output (spec §1.4; official default 0.1)."""
     train_cls_token: bool = True
     """The cls token is always tuned officially and counted in the allocation's total (spec §1.3, §1.6)."""
+    train_norm_entries: bool = True
+    """Train the LayerNorm entries the allocation picked one by one (ours); false: the official code's behaviour,
+    which counts them in the budget but never trains them (``replace_linear`` touches only Linears, spec §1.5)."""
 
     structured_type: ClassVar[str] = "lora"
 
@@ -331,6 +335,8 @@ class _SPT(Method):
         for key, positions in [*entry["unstructured"].items(), *vectors.items()]:
             path, which, third = _locate(key)
             module = model.get_submodule(path)
+            if positions is not None and isinstance(module, nn.LayerNorm) and not o.train_norm_entries:
+                continue  # counted in the budget, not trained (official)
             ref = getattr(module, which)
             if third < 0:
                 offset, length = 0, ref.shape[0]
@@ -391,6 +397,7 @@ class _SPT(Method):
     def summary(self, model: nn.Module) -> dict[str, Any]:
         doc, entry = self._document()
         modules = [m for m in model.modules() if isinstance(m, SPTLinear)]
+        norm_entries = sum(len(v) for k, v in entry["unstructured"].items() if "norm" in k)
         out = {
             "allocation_file": self.options.allocation_path,
             "structured_type": doc["structured_type"],
@@ -398,8 +405,8 @@ class _SPT(Method):
             "structured_total": entry["structured_total"], "vector_total": entry["vector_total"],
             "unstructured_total": entry["unstructured_total"], "per_op": dict(zip(OPS, entry["per_op"])),
             "structured_modules": sum(entry["per_op"]),
-            "unstructured_norm_entries_trained": sum(len(v) for k, v in entry["unstructured"].items()
-                                                     if "norm" in k),
+            "unstructured_norm_entries_trained": norm_entries if self.options.train_norm_entries else 0,
+            "unstructured_norm_entries_counted_not_trained": 0 if self.options.train_norm_entries else norm_entries,
         }
         if doc["structured_type"] == "adapter":
             out["adapter_inference_flops_per_token"] = sum(m.adapter_flops_per_token() for m in modules)
