@@ -320,3 +320,18 @@ def test_cli_sensitivity_with_the_data_loader(tmp_path, capsys):
     # a head too small for the data's labels is a config error naming the key, not an IndexError
     assert main([a.replace("data.synthetic_classes=5", "data.synthetic_classes=10") for a in argv]) == 2
     assert "model.num_classes" in capsys.readouterr().err
+
+
+def test_without_structured_vectors_every_vector_keeps_only_its_entries():
+    # the hand-computed sweep above without the whole-vector rule: the norm (c=2 at τ≥6) keeps its 2 entries
+    #   τ=6: q2 fc1 2 norm 2 → 6 + 1 = 7;  τ=8: q structured 5, fc1 2, norm 2, bias 1 → 10 + 1 = 11
+    doc = build_allocation(hand_scores(), structured_type="lora", rank=1, alpha=2, beta=2, budgets_m=[11e-6],
+                           taus=[2, 4, 6, 8, 10], fixed_params=1, structured_vector=False)
+    assert [s["total"] for s in doc["sweep"]] == [3, 5, 7, 11, 16] and doc["structured_vector"] is False
+    entry = select_budget(doc, 11e-6)
+    assert entry["tau"] == 8 and entry["tuned_vectors"] == [] and entry["vector_total"] == 0
+    assert entry["unstructured"]["blocks.0.norm1.weight"] == [0, 2]
+    parser = argparse.ArgumentParser()
+    add_sensitivity_arguments(parser)
+    assert parser.parse_args(["--out", "a.json"]).structured_vector is True  # the official scripts' setting
+    assert parser.parse_args(["--out", "a.json", "--no-structured-vector"]).structured_vector is False

@@ -224,14 +224,16 @@ def default_taus(total_entries: int, step: int = DEFAULT_TAU_STEP, count: int = 
 def build_allocation(scores: dict[str, torch.Tensor], *, structured_type: str, rank: int = 8, alpha: float = 10.0,
                      beta: float = 5.0, budgets_m: Iterable[float] = DEFAULT_BUDGETS_M,
                      taus: Iterable[int] | None = None, fixed_params: int = 0,
-                     metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+                     metadata: dict[str, Any] | None = None, structured_vector: bool = True) -> dict[str, Any]:
     """The allocation document for every budget (spec §1.3), from one global ranking and prefix counts (§5.4).
 
     For a candidate count τ, c is the number of a tensor's entries among the global top-τ scores (ties broken by
     candidate order, then position, so the result is deterministic). A matrix with c·α ≥ P_s gets a structured
     module (cost P_s), a vector with c·β ≥ n is tuned whole (cost n); otherwise the c entries are tuned
     unstructured (cost c). Total(τ) = Σ costs + ``fixed_params`` (the cls token). For each budget B (millions),
-    the τ whose total is closest to B wins; ties go to the later τ.
+    the τ whose total is closest to B wins; ties go to the later τ. ``structured_vector=False`` drops the
+    whole-vector rule (the official ``--structured_vector`` switch, set in every official script): every vector
+    keeps only its c selected entries.
     """
     if structured_type not in STRUCTURED_TYPES:
         raise ConfigError(f"structured_type: got {structured_type!r}; allowed: {', '.join(STRUCTURED_TYPES)}")
@@ -273,6 +275,8 @@ def build_allocation(scores: dict[str, torch.Tensor], *, structured_type: str, r
     c64 = counts.to(torch.float64)
     structured = is_matrix[:, None] & (c64 * alpha >= p_s[:, None].to(torch.float64)) & (counts > 0)
     whole = ~is_matrix[:, None] & (c64 * beta >= numel[:, None].to(torch.float64)) & (counts > 0)
+    if not structured_vector:
+        whole = torch.zeros_like(whole)
     cost = torch.where(structured, p_s[:, None], torch.where(whole, numel[:, None], counts))
     totals = cost.sum(0) + int(fixed_params)
 
@@ -293,6 +297,7 @@ def build_allocation(scores: dict[str, torch.Tensor], *, structured_type: str, r
         "alpha": float(alpha),
         "beta": float(beta),
         "fixed_params": int(fixed_params),
+        "structured_vector": bool(structured_vector),
         "ops": list(OPS),
         "num_blocks": _num_blocks(cands),
         "tensors": [[c.key, list(c.shape)] for c in cands],
@@ -490,6 +495,9 @@ def add_sensitivity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=5.0, help="whole-vector threshold: c >= n / beta")
     parser.add_argument("--tau-step", type=int, default=DEFAULT_TAU_STEP, help="τ grid step (entries)")
     parser.add_argument("--tau-count", type=int, default=DEFAULT_TAU_COUNT, help="number of τ values in the grid")
+    parser.add_argument("--no-structured-vector", dest="structured_vector", action="store_false",
+                        help="never tune a vector whole (the official scripts all pass --structured_vector, the "
+                             "default here): vectors keep only their selected entries")
     parser.add_argument("--score", choices=SCORES, default="grad_sq",
                         help="grad_sq (official), fisher (per-sample), taylor (|g·w|)")
 
@@ -562,6 +570,7 @@ def _sensitivity(cfg, args: argparse.Namespace, batches: Iterable | None, struct
             scores, structured_type=structured_type, rank=args.rank, alpha=args.alpha, beta=args.beta,
             budgets_m=args.budgets, taus=default_taus(total_entries, args.tau_step, args.tau_count),
             fixed_params=cls_token.numel() if cls_token is not None else 0,
+            structured_vector=getattr(args, "structured_vector", True),
             metadata={"model": cfg.model.name, "model_kwargs": cfg.model.kwargs, "checkpoint": cfg.model.checkpoint,
                       "num_classes": cfg.model.num_classes, "seed": cfg.train.seed, "num_batches": args.num_batches,
                       "batch_size_per_rank": cfg.data.batch_size, "world_size": world, "score": args.score,
