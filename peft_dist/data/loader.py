@@ -397,6 +397,38 @@ class EvalStream(IterableDataset):
 
 
 # ----------------------------------------------------------------------------------------------- loaders
+class WorkerFailure(NamedTuple):
+    """A :class:`DataError` raised in a DataLoader worker, carried to the training process as an item: raised there,
+    DataLoader would re-create it with the worker's whole traceback glued into its message."""
+
+    error: DataError
+
+
+class CarryDataErrors(IterableDataset):
+    """``stream``'s batches; in a loader worker, a :class:`DataError` ends that worker's stream as a
+    :class:`WorkerFailure` item, which :func:`raise_worker_failures` raises again, unchanged, in the training
+    process. Any other exception is a bug and keeps DataLoader's traceback."""
+
+    def __init__(self, stream: IterableDataset):
+        super().__init__()
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[Batch | WorkerFailure]:
+        try:
+            yield from self.stream
+        except DataError as e:
+            if get_worker_info() is None:
+                raise
+            yield WorkerFailure(e)
+
+
+def raise_worker_failures(batches: Iterator[Batch | WorkerFailure]) -> Iterator[Batch]:
+    for batch in batches:
+        if isinstance(batch, WorkerFailure):
+            raise batch.error
+        yield batch
+
+
 class TrainLoader:
     """Iterate for one epoch of exactly ``batches_per_epoch`` :class:`Batch` es; call ``set_epoch(e)`` first
     (``set_epoch(e, start_batch=k)`` resumes at batch ``k``)."""
@@ -415,8 +447,9 @@ class TrainLoader:
         # started with the epoch set by set_epoch (persistent ones would keep the first epoch's seed). A private
         # generator: DataLoader otherwise draws its workers' base seed from the caller's global torch RNG.
         private = torch.Generator().manual_seed(derive_seed("loader", stream.seed))
-        self.loader = wds.WebLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                                    shuffle=False, generator=private).with_epoch(self.batches_per_epoch)
+        self.loader = wds.WebLoader(CarryDataErrors(stream), batch_size=None, num_workers=num_workers,
+                                    persistent_workers=False, shuffle=False,
+                                    generator=private).with_epoch(self.batches_per_epoch)
 
     @property
     def epoch(self) -> int:
@@ -433,7 +466,7 @@ class TrainLoader:
             self.stream.start_batch = self.start_batch
 
     def __iter__(self) -> Iterator[Batch]:
-        batches = iter(self.loader)
+        batches = raise_worker_failures(iter(self.loader))
         if isinstance(self.stream, ExactTrainStream):
             return itertools.islice(batches, self.batches_per_epoch - self.start_batch)
         return itertools.islice(batches, self.start_batch, None)
@@ -457,11 +490,11 @@ class EvalLoader:
         self.num_samples = sum(stop - start for start, stop in ranges)
         self.num_batches = sum(math.ceil((stop - start) / stream.batch_size) for start, stop in ranges)
         """Batches of this rank when no sample is skipped."""
-        self.loader = wds.WebLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                                    shuffle=False, generator=torch.Generator().manual_seed(0))
+        self.loader = wds.WebLoader(CarryDataErrors(stream), batch_size=None, num_workers=num_workers,
+                                    persistent_workers=False, shuffle=False, generator=torch.Generator().manual_seed(0))
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(self.loader)
+        return raise_worker_failures(iter(self.loader))
 
 
 def check_rank(rank: int, world_size: int) -> None:

@@ -5,11 +5,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from peft_dist.config import RunConfig, load_config
+from peft_dist.config import ConfigError, RunConfig, load_config
 from peft_dist.models.backbone import CheckpointError
 
 
@@ -40,9 +40,20 @@ def load_adapters(model: nn.Module, path: str | Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"adapter file not found: {path}")
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    try:
+        keys = _copy_adapters(path, params)
+    except SafetensorError as e:  # a truncated or foreign file
+        raise CheckpointError(f"cannot read adapter file {path}: {e} (truncated, or not a safetensors file)") \
+            from None
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in keys]
+    if missing:
+        raise CheckpointError(f"adapter file {path} lacks trainable tensors {', '.join(missing[:4])}")
+
+
+def _copy_adapters(path: Path, params: dict[str, torch.Tensor]) -> list[str]:
+    """Copy every tensor of the file into ``params``; returns the model names it filled."""
     with safe_open(str(path), framework="pt") as f:
         names = {k: _model_name(k, params) for k in f.keys()}
-        keys = list(names.values())
         unknown = [k for k in names if names[k] not in params]
         if unknown:
             raise CheckpointError(f"adapter file {path} does not fit the model: unexpected tensors "
@@ -54,9 +65,7 @@ def load_adapters(model: nn.Module, path: str | Path) -> None:
                     raise CheckpointError(f"adapter file {path}: {k} has shape {tuple(t.shape)}, "
                                           f"the model expects {tuple(params[k].shape)}")
                 params[k].copy_(t)
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in keys]
-    if missing:
-        raise CheckpointError(f"adapter file {path} lacks trainable tensors {', '.join(missing[:4])}")
+    return list(names.values())
 
 
 def restore_run(run_dir: str | Path, overrides: list[str] | None = None):
@@ -74,14 +83,26 @@ def export_merged(run_dir: str | Path, out: str | Path | None = None) -> Path:
     with the timm name and kwargs to create it)."""
     import peft_dist
 
+    out = Path(out) if out else Path(run_dir) / "model.safetensors"
+    for path in (out, out.with_suffix(".json")):
+        if path.is_dir():
+            raise ConfigError(f"export --out: {path} is a directory; name the file to write, e.g. "
+                              f"{out / 'model.safetensors'}")
     cfg, model, _ = restore_run(run_dir)
     plain = peft_dist.merge(model)
-    out = Path(out) if out else Path(run_dir) / "model.safetensors"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a parent directory should be, no permission
+        raise ConfigError(f"export --out: cannot create the directory {out.parent} for {out.name}: "
+                          f"{'a file of that name exists' if isinstance(e, FileExistsError) else e.strerror or e}") \
+            from None
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(tmp),
-              metadata={"timm_model": cfg.model.name, "merged_method": cfg.method.name})
-    tmp.replace(out)
+    try:
+        save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(tmp),
+                  metadata={"timm_model": cfg.model.name, "merged_method": cfg.method.name})
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no half-written temporary behind
     create = {"model_name": cfg.model.name, "num_classes": cfg.model.num_classes, **cfg.model.kwargs}
     out.with_suffix(".json").write_text(json.dumps(create, indent=2) + "\n")
     return out
