@@ -218,7 +218,9 @@ def _with_config(fn: Callable) -> Callable:
     def run(args: argparse.Namespace) -> int:
         from peft_dist.config import load_config
 
-        return fn(load_config(args.config, getattr(args, "overrides", [])), args)
+        cfg = load_config(args.config, getattr(args, "overrides", []))
+        check_model_config(cfg.model, cfg.data.img_size)
+        return fn(cfg, args)
 
     return run
 

@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "vit_base_patch16_224"
-    """Any timm model name."""
+    """A timm ViT whose blocks hold ``attn.qkv``, ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` (what the methods adapt),
+    e.g. ``vit_base_patch16_224``; anything else is refused when the model is built."""
     checkpoint: str | None = None
     """Local weights: timm/JAX ``.npz``, ``.pth``/``.pt`` (weights only) or ``.safetensors``."""
     num_classes: int = 10
