@@ -1,10 +1,13 @@
 """--dry-run: a 32-rank configuration checked on one CPU with a fake process group and meta weights."""
+import math
 import subprocess
 
 import pytest
+import torch
 
 from conftest import PYTHON, REPO
 from launcher.dry_run import dry_run
+from peft_dist import apply_method, create_backbone
 from peft_dist.config import load_config
 
 VIT_H_FROZEN = 630_764_800  # parameters of timm vit_huge_patch14_224 without its head
@@ -19,6 +22,14 @@ def test_cli_dry_run_vit_h_fsdp2_32_ranks():
     assert f"frozen: {VIT_H_FROZEN:,}" in r.stdout
 
 
+def trainable_shapes(cfg) -> list[torch.Size]:
+    """Shapes of the run's trainable tensors, from the model built on the meta device (no sharding applied)."""
+    with torch.device("meta"):
+        model = create_backbone(cfg.model.name, cfg.model.num_classes, **cfg.model.kwargs)
+        apply_method(model, cfg.method.name, **cfg.method.options)
+    return [p.shape for p in model.parameters() if p.requires_grad]
+
+
 @pytest.mark.parametrize("engine, stage, frozen_divisor", [("fsdp2", 2, 32), ("ddp", 2, 1), ("deepspeed", 1, 1),
                                                            ("deepspeed", 3, 32)])
 def test_per_rank_bytes_follow_the_sharding(engine, stage, frozen_divisor):
@@ -30,15 +41,30 @@ def test_per_rank_bytes_follow_the_sharding(engine, stage, frozen_divisor):
     # FSDP2 shards dim 0: rank 0 also holds tensors whose dim 0 is 1 (pos_embed, cls_token) whole, ~1.6 % extra
     assert abs(b["params_frozen"] - VIT_H_FROZEN * 4 / frozen_divisor) < 0.02 * VIT_H_FROZEN * 4 / frozen_divisor
     trainable = report["trainable_params"]
+    optimizer = [r["optimizer_state"] for r in report["ranks"]]
     if engine == "deepspeed":
-        assert b["optimizer_state"] == 8 * -(-trainable // 32)
+        # ZeRO splits one flat buffer of every trainable element evenly: all ranks alike, each element's two fp32
+        # moments held once, less than one element of padding per rank (real partitions: the test below)
+        assert len(set(optimizer)) == 1
+        assert 8 * trainable <= sum(optimizer) < 8 * (trainable + 32)
     elif engine == "fsdp2":
-        # Adam state follows the trainable shards: 8 bytes per local fp32 element. Dim-0 sharding is uneven for
-        # tensors with fewer rows than ranks (LoRA A is 8 x 1280): rank 0 holds a row of each, so it is the maximum.
+        # Adam state follows the trainable shards: 8 bytes per local fp32 element, each element on one rank
         assert b["optimizer_state"] == 2 * b["params_trainable"]
-        assert 8 * trainable / 32 <= b["optimizer_state"] < 8 * trainable / 2
+        assert sum(optimizer) == 8 * trainable
+        # What balanced placement guarantees: a tensor with fewer rows than ranks (LoRA's A is 8 x 1280) is sharded
+        # along a dimension that 32 divides, so every rank holds exactly 1/32 of it; a tensor with >= 32 rows is
+        # sharded along dim 0 in ceil-sized chunks, so a rank holds less than one row above its even share. The
+        # busiest rank therefore stays below the even share plus one row of each dim-0-sharded tensor; with A on
+        # dim 0 (the regression), ranks 0-7 would hold a whole 1280-wide row of each of the 64 A's instead.
+        shapes = trainable_shapes(cfg)
+        assert sum(math.prod(s) for s in shapes) == trainable
+        few_rows = [s for s in shapes if s[0] < 32]
+        assert few_rows and all(any(n % 32 == 0 for n in s[1:]) for s in few_rows)  # LoRA's A: 1280 splits
+        one_row_each = sum(math.prod(s[1:]) for s in shapes if s[0] >= 32)
+        assert max(optimizer) < 8 * (trainable / 32 + one_row_each)
+        assert min(optimizer) >= 8 * sum(math.prod(s) for s in few_rows) / 32  # their exact share on every rank
     else:
-        assert b["optimizer_state"] == 8 * trainable
+        assert optimizer == [8 * trainable] * 32  # replicated: every rank holds both moments of every element
 
 
 def test_dry_run_names_a_missing_checkpoint(tmp_path):
@@ -78,3 +104,59 @@ def test_fsdp2_spreads_adapters_with_few_rows_over_every_rank():
     assert max(trainable) <= 1.05 * sum(trainable) / 32 and min(trainable) >= 0.9 * sum(trainable) / 32
     assert max(frozen) <= 1.01 * sum(frozen) / 32
     assert report["per_rank_bytes"] == max(report["ranks"], key=lambda b: b["total_static"])
+
+
+TINY_LORA = ["model.name=vit_tiny_patch16_224", "model.num_classes=5",
+             "model.kwargs={img_size: 32, patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
+             "data.source=synthetic", "data.batch_size=4", "tracking.enabled=false", "train.precision=fp32",
+             "method.name=lora", "dist.engine=deepspeed", "dist.zero_stage=2"]
+
+
+def real_zero2_partitions(rank: int, world: int, port: int, result_file: str) -> None:
+    """A spawned rank: one real DeepSpeed ZeRO-2 step of the tiny LoRA run on gloo; records this rank's gradient
+    partition (after backward) and Adam moments (after the step), counted from DeepSpeed's own tensors."""
+    import json
+
+    import torch.distributed as dist
+
+    from dist_workers import init_gloo
+    from launcher.env import read_dist_env
+    from peft_dist.engines import parallelize
+    from peft_dist.train.trainer import build_model
+
+    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
+    try:
+        cfg = load_config(None, TINY_LORA)
+        model, method = build_model(cfg)
+        engine = parallelize(model, method, cfg, read_dist_env(), torch.device("cpu"), 1, 0)
+        zero = engine.optimizer
+        g = torch.Generator().manual_seed(rank)
+        engine.forward_backward(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g))
+        grads = sum(t.numel() * t.element_size() for ts in zero.averaged_gradients.values() for t in ts)
+        engine.step(0)
+        moments = sum(v.numel() * v.element_size() for st in zero.optimizer.state.values()
+                      for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
+    finally:
+        dist.destroy_process_group()
+    with open(f"{result_file}.rank{rank}", "w") as f:
+        json.dump({"grads": grads, "moments": moments}, f)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_deepspeed_rank_bytes_match_a_real_zero2_run(tmp_path):
+    """The dry run's ZeRO-2 gradient and optimizer-moment bytes per rank against a real 2-rank run's partitions.
+    ZeRO pads its flat partitions for alignment, so a real partition may exceed the dry run's even split by a few
+    elements; never by more, and never less."""
+    import json
+
+    from conftest import spawn_two_ranks
+
+    spawn_two_ranks(real_zero2_partitions, str(tmp_path / "real"))
+    real = [json.loads((tmp_path / f"real.rank{r}").read_text()) for r in range(2)]
+    report = dry_run(load_config(None, TINY_LORA), 2)
+    padding = 16  # elements
+    for dry, measured in zip(report["ranks"], real):
+        assert 0 <= measured["grads"] - dry["grads"] <= 4 * padding, (dry, measured)
+        assert 0 <= measured["moments"] - dry["optimizer_state"] <= 8 * padding, (dry, measured)
