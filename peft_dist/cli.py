@@ -66,9 +66,10 @@ def check_eval_classes(loader, cfg, run: str) -> None:
     """A run's model scores only the classes it was trained on: shards with another class count are refused."""
     classes = getattr(getattr(loader, "info", None), "num_classes", None)
     if classes is not None and classes != cfg.model.num_classes:
-        where = cfg.data.path if cfg.data.source == "shards" else f"data.source={cfg.data.source}"
-        raise ConfigError(f"data.path: {where} holds {classes} classes, but the run {run} was trained with "
-                          f"model.num_classes={cfg.model.num_classes}; evaluate it on shards of its own classes")
+        data = f"data.path: {cfg.data.path}" if cfg.data.source == "shards" else \
+            "data.synthetic_classes: the synthetic source"
+        raise ConfigError(f"{data} holds {classes} classes, but the run {run} was trained with "
+                          f"model.num_classes={cfg.model.num_classes}; evaluate it on data of its own classes")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
