@@ -1,4 +1,6 @@
 """MLflow: the run is read back from the default SQLite store with its params, metrics, tags and artifacts."""
+import json
+
 import mlflow
 import torch
 
@@ -37,5 +39,9 @@ def test_tracking_disabled_writes_no_store(tmp_path):
     batches = fixed_batches()
     cfg = tiny_cfg(tmp_path, "linear", "tracking.enabled=false", "train.steps=1")
     summary = Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches).fit()
-    assert "mlflow_run_id" not in summary or summary["mlflow_run_id"] is None
-    assert not (tmp_path / "mlflow.db").exists()
+    # the summary (returned and on disk) says so explicitly: both MLflow fields present and null
+    saved = json.loads((tmp_path / "linear" / "summary.json").read_text())
+    for doc in (summary, saved):
+        assert doc["mlflow_run_id"] is None and doc["mlflow_tracking_uri"] is None
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert not list(tmp_path.rglob("*.db")) and not list(tmp_path.rglob("mlruns"))
