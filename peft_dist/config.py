@@ -259,6 +259,15 @@ class TrainConfig:
     report the best — the papers' test-set selection, labelled as such everywhere it appears."""
     save_every_steps: int = 0
     """Write a resumable checkpoint every N optimizer steps (0: only at the end and on preemption)."""
+    save_every_minutes: float | None = None
+    """Write a checkpoint when this many minutes have passed since the last one (checked at step ends, agreed by
+    every rank). ``null`` (default): 30 under SLURM (a node failure then loses at most 30 minutes), off elsewhere;
+    0: off."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient norm: ``stop`` the run (the last good checkpoint stays; summary and MLflow say
+    failed), or ``skip`` that step (nothing applied, counted as ``nonfinite_steps_skipped``; the run still stops
+    after ``max_nonfinite_skips`` in a row)."""
+    max_nonfinite_skips: int = 10
     keep_checkpoints: int = 2
     resume: str = "none"
     """``none``, ``auto`` (the newest complete checkpoint in out_dir/checkpoints, if any) or a checkpoint path.
@@ -278,6 +287,17 @@ class TrainConfig:
         _check_range("train.label_smoothing", self.label_smoothing, low=0.0, high=1.0)
         _check_range("train.save_every_steps", self.save_every_steps, low=0)
         _check_range("train.keep_checkpoints", self.keep_checkpoints, low=1)
+        if self.save_every_minutes is not None:
+            _check_range("train.save_every_minutes", self.save_every_minutes, low=0.0)
+        _check_range("train.max_nonfinite_skips", self.max_nonfinite_skips, low=1)
+
+    def checkpoint_interval_minutes(self, environ=None) -> float:
+        """``save_every_minutes`` resolved: ``null`` is 30 inside a SLURM job, 0 (off) elsewhere."""
+        import os
+
+        if self.save_every_minutes is not None:
+            return float(self.save_every_minutes)
+        return 30.0 if "SLURM_JOB_ID" in (os.environ if environ is None else environ) else 0.0
 
 
 @dataclass

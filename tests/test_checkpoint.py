@@ -58,12 +58,12 @@ def test_crash_during_save_keeps_previous(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full (simulated) in the middle of writing")
 
-    monkeypatch.setattr(ckpt.dcp, "save", crash)
+    monkeypatch.setattr(ckpt, "save_file", crash)
     with pytest.raises(OSError, match="simulated"):
         run(tmp_path, "lora", "train.save_every_steps=2", "train.steps=4", "train.resume=auto")
     monkeypatch.undo()
     assert (tmp_path / "lora" / "checkpoints" / ".tmp-step-00000004").is_dir()
-    assert ckpt.resolve_resume("auto", tmp_path / "lora") == good[0]
+    assert ckpt.resolve_resume("auto", tmp_path / "lora").path == good[0]
     resumed = run(tmp_path, "lora", "train.steps=3", "train.resume=auto")
     assert resumed.start_step == 2
 

@@ -4,8 +4,9 @@ Frozen parameters never enter the optimizer (we hand DeepSpeed a torch AdamW bui
 only; ZeRO-3 still partitions the frozen weights, which is the point of stage 3). DeepSpeed owns gradient
 accumulation, clipping and the scheduler step, so this engine calls ``engine.step()`` after every micro-batch as
 DeepSpeed expects. Methods with gradient-driven schedules (SNELLA) get full gradients through
-``safe_get_full_grad`` and see θ_{t+1} (spec snell_snella.md §7.5). Checkpoints are DeepSpeed's own, with
-``exclude_frozen_parameters=True``.
+``safe_get_full_grad`` and see θ_{t+1} (spec snell_snella.md §7.5). Checkpoints are the project's pickle-free
+format (``peft_dist.train.checkpoint``): full fp32 tensors assembled through DeepSpeed's tensor-fragment API, so
+they load at any world size and ZeRO stage (DeepSpeed's own checkpoints are pickles, per rank).
 """
 from __future__ import annotations
 
@@ -23,9 +24,6 @@ from torch import nn
 
 from peft_dist.engines.engine import Engine
 from peft_dist.methods.base import Method
-
-_TAG = "deepspeed"
-
 
 def deepspeed_config(cfg, world_size: int, cuda: bool, trainable_elements: int | None = None,
                      precision: str | None = None) -> dict[str, Any]:
@@ -99,8 +97,14 @@ class DeepSpeedEngine(Engine):
             import deepspeed
         except ImportError:
             raise RuntimeError("dist.engine=deepspeed needs the extra: pip install 'peft-dist[deepspeed]'") from None
+        if cfg.train.on_nonfinite == "skip":
+            from peft_dist.config import ConfigError
+
+            raise ConfigError("train.on_nonfinite=skip is not available with dist.engine=deepspeed (DeepSpeed "
+                              "applies the step itself); use train.on_nonfinite=stop")
         _ensure_process_group()
         super().__init__(model, method, cfg, env, device, total_steps, warmup_steps)
+        self.group_fqns = self.param_group_fqns()  # before DeepSpeed replaces the groups' parameters by flat ones
         self.zero_stage = cfg.dist.zero_stage
         self.forward_needs_all_ranks = self.zero_stage == 3
         self.autocast_dtype = None  # DeepSpeed's bf16 mode casts the model itself
@@ -113,6 +117,11 @@ class DeepSpeedEngine(Engine):
         if self.zero_stage == 3:
             register_adapter_parameters(self.module)
         self.reads_gradients = type(method).on_step_end is not Method.on_step_end
+
+    def grad_norm(self) -> None:
+        """Not readable before DeepSpeed's step (its gradients live in partitioned flat buffers): the divergence
+        guard checks the loss only."""
+        return None
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -183,16 +192,135 @@ class DeepSpeedEngine(Engine):
                     raise KeyError(f"adapter state has a tensor the model does not: {k}")
                 target.copy_(v.to(target.dtype))
 
-    def save(self, path) -> None:
-        self.model.save_checkpoint(str(path), tag=_TAG, exclude_frozen_parameters=True)
+    # ------------------------------------------------------------------ checkpoints (full, any world size)
+    def optimizer_state_keys(self) -> list[str]:
+        """The per-parameter tensors of the optimizer; fixed by the config, so every rank asks for the same ones
+        (gathering them is collective)."""
+        o = self.cfg.optim
+        return ["exp_avg", "exp_avg_sq"] if o.name == "adamw" else (["momentum_buffer"] if o.momentum else [])
 
-    def load(self, path) -> None:
-        from peft_dist.models.backbone import CheckpointError
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)
 
-        if not (Path(path) / _TAG).is_dir():
-            raise CheckpointError(f"{path} is not a DeepSpeed checkpoint (no {_TAG}/ inside); resume it with the "
-                                  "engine that wrote it")
-        loaded, _ = self.model.load_checkpoint(str(path), tag=_TAG, load_module_strict=False,
-                                               load_optimizer_states=True, load_lr_scheduler_states=True)
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
+    def _link_optimizer_state(self) -> None:
+        """Make every ZeRO partition's optimizer state exist and be reachable through the tensor-fragment API.
+
+        torch creates Adam's moments at a parameter's first step, so a fresh engine (one about to load) has none:
+        one step at lr 0 over zero gradients creates them, as torch.distributed.checkpoint does for its own loads.
+        ZeRO-1/2 link the fragments right after the first group's step, before later groups have state (DeepSpeed
+        0.19: the fragments of a second group, e.g. the head's bias under weight decay groups, stay empty), so the
+        link is made again here."""
+        inner = self._inner_optimizer()
+        previous = [g["params"] for g in inner.param_groups]
+        sub_groups = getattr(self.optimizer, "fp32_partitioned_groups_flat", None)
+        if sub_groups is not None:  # ZeRO-3 hands its inner optimizer a group's partitions only during its step
+            owner = self.optimizer.sub_group_to_group_id
+            for gid, group in enumerate(inner.param_groups):
+                group["params"] = [p for sub, p in enumerate(sub_groups) if owner[sub] == gid]
+        flat = [p for g in inner.param_groups for p in g["params"]]
+        if self.optimizer_state_keys() and any(not inner.state.get(p) for p in flat):
+            lrs = [g["lr"] for g in inner.param_groups]
+            for g in inner.param_groups:
+                g["lr"] = 0.0
+            grads = [p.grad for p in flat]
+            for p in flat:
+                p.grad = torch.zeros_like(p)
+            inner.step()
+            for p, grad in zip(flat, grads):
+                p.grad = grad
+            for g, lr in zip(inner.param_groups, lrs):
+                g["lr"] = lr
+        for group, params in zip(inner.param_groups, previous):
+            group["params"] = params
+        if hasattr(self.optimizer, "_hp_optimizer_states_linked"):  # ZeRO-1/2 (stage 3 reads its state directly)
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def full_state(self):
+        """The fp32 master copy of each trainable parameter and its optimizer state, assembled from every rank's
+        ZeRO partition (DeepSpeed's tensor-fragment API). Collective; the tensors are kept on rank 0."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        from peft_dist.methods.base import adapter_buffer_names
+        from peft_dist.train.checkpoint import FullState
+
+        self._link_optimizer_state()
+        keep = dist.get_rank() == 0
+        step = self.optimizer_step()
+        model, state = {}, {}
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            value = safe_get_full_fp32_param(p)
+            moments = {k: safe_get_full_optimizer_state(p, k) for k in self.optimizer_state_keys()}
+            if keep:
+                model[name] = value.detach().float().cpu().clone()
+                state[name] = {k: v.detach().float().cpu().clone() for k, v in moments.items()}
+                state[name]["step"] = torch.tensor(float(step))
+        if not keep:
+            return FullState({}, {}, [])
+        buffers = dict(self.module.named_buffers())
+        model.update({n: buffers[n].detach().cpu().clone() for n in adapter_buffer_names(self.module)})
+        groups = [{**_plain_hyperparameters(g), "params": fqns}
+                  for g, fqns in zip(self.optimizer.param_groups, self.group_fqns)]
+        return FullState(model, state, groups)
+
+    def load_full_state(self, full) -> None:
+        """Write each full tensor into this rank's partition (any world size, any ZeRO stage): the fp32 master and
+        the optimizer state through the tensor-fragment API, the module's own copy through :meth:`load_state_dict`."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        from peft_dist.engines.engine import check_param_groups
+
+        check_param_groups(self.group_fqns, full.param_groups)
+        self._link_optimizer_state()
+        step = None
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            saved = full.optimizer_state.get(name, {})
+            if self.zero_stage == 3:
+                self._set_zero3_partition(p, full.model[name], None)
+                for key in self.optimizer_state_keys():
+                    self._set_zero3_partition(p, saved[key], key)
+            else:
+                safe_set_full_fp32_param(p, full.model[name].to(self.device))
+                for key in self.optimizer_state_keys():
+                    safe_set_full_optimizer_state(p, saved[key].to(self.device), key)
+            step = saved.get("step", step)
+        self.load_state_dict(full.model)
+        if step is not None:
+            for entry in self._inner_optimizer().state.values():
+                if "step" in entry:
+                    entry["step"] = torch.as_tensor(step, dtype=torch.float32).clone() \
+                        if torch.is_tensor(entry["step"]) else int(step)
+            self.model.global_steps = int(step)
+            self.model.global_samples = int(step) * self.model.train_batch_size()
+        for group, saved in zip(self.optimizer.param_groups, full.param_groups):
+            group.update({k: v for k, v in saved.items() if k != "params" and k in group})
+
+    def _set_zero3_partition(self, param: nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+        """This rank's slice of ``value`` into ZeRO-3's fp32 partition (``key`` None) or optimizer state. DeepSpeed
+        0.19's ``set_full_hp_param`` reads past the end of a parameter whose size does not split evenly over the
+        ranks (the last partition is padded); the slice here stops at the parameter's end."""
+        zero = self.optimizer
+        partition, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+        start = partition.numel() * zero._get_param_partition_rank(param)
+        piece = value.flatten()[start:start + partition.numel()].to(partition.device, partition.dtype)
+        partition.data[:piece.numel()].copy_(piece)
+
+    def optimizer_step(self) -> int:
+        """Optimizer steps taken (Adam's ``step``; DeepSpeed's own counter otherwise)."""
+        for entry in self._inner_optimizer().state.values():
+            if "step" in entry:
+                return int(entry["step"])
+        return int(self.model.global_steps)
+
+
+def _plain_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group's JSON-able hyper-parameters (DeepSpeed's flat groups also carry its own bookkeeping)."""
+    def plain(v):
+        return v is None or isinstance(v, (bool, int, float, str)) or \
+            (isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v))
+
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params" and plain(v)}

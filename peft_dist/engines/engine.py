@@ -74,6 +74,19 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
+    def grad_norm(self) -> float | None:
+        """The global L2 norm of the trainable gradients (all ranks' shards; collective under FSDP2)."""
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return 0.0
+        norm = torch.nn.utils.get_total_norm(grads)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients; the schedule still advances, so later steps keep their planned lr."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
     def clip_grad_norm(self, max_norm: float) -> None:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -105,16 +118,41 @@ class Engine:
         names = adapter_state_names(self.module)
         return {k: v.detach().cpu() for k, v in full.items() if k in names}
 
-    def save(self, path) -> None:
-        """Resumable state of this rank (trainable tensors + optimizer) into the directory ``path`` (collective)."""
-        from peft_dist.train.checkpoint import save_dcp
+    def full_state(self):
+        """The resumable state as full tensors keyed by FQN, on rank 0 (empty elsewhere): trainable tensors and
+        adapter buffers, optimizer state and groups. Collective. Engines whose framework owns the optimizer's
+        layout (DeepSpeed, OSS) override it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        save_dcp(self.module, self.optimizer, path)
+        from peft_dist.train.checkpoint import FullState
 
-    def load(self, path) -> None:
-        from peft_dist.train.checkpoint import load_dcp
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=opts)
+        names = set(self.full_shapes())
+        return FullState({k: v for k, v in model_sd.items() if k in names}, optim_sd.get("state", {}),
+                         optim_sd.get("param_groups", []))
 
-        load_dcp(self.module, self.optimizer, path)
+    def load_full_state(self, full) -> None:
+        """Restore :meth:`full_state`'s output (read by every rank), resharded to this engine's layout."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        check_param_groups(self.param_group_fqns(), full.param_groups)
+        set_state_dict(self.module, self.optimizer, model_state_dict=dict(full.model),
+                       optim_state_dict={"state": dict(full.optimizer_state), "param_groups": full.param_groups},
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The full (unsharded) shape of every tensor a checkpoint holds: trainable parameters, adapter buffers."""
+        from peft_dist.methods.base import adapter_state_names
+
+        names = adapter_state_names(self.module)
+        tensors = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
+        return {n: tuple(getattr(t, "ds_shape", t.shape)) for n, t in tensors.items() if n in names}
+
+    def param_group_fqns(self) -> list[list[str]]:
+        """The optimizer's groups as lists of parameter FQNs (the order the optimizer holds them in)."""
+        fqn = {id(p): n for n, p in self.module.named_parameters()}
+        return [[fqn[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         tensors = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
@@ -124,6 +162,21 @@ class Engine:
         with torch.no_grad():
             for k, v in sd.items():
                 tensors[k].copy_(v.to(tensors[k].device, tensors[k].dtype))
+
+
+def check_param_groups(current: list[list[str]], saved: list[dict[str, Any]]) -> None:
+    """A checkpoint's optimizer groups must hold the same parameters as this run's."""
+    from peft_dist.models.backbone import CheckpointError
+
+    saved_fqns = [list(g.get("params", [])) for g in saved]
+    if len(saved_fqns) != len(current):
+        raise CheckpointError(f"the checkpoint's optimizer has {len(saved_fqns)} parameter group(s), this run's "
+                              f"{len(current)}")
+    for i, (now, then) in enumerate(zip(current, saved_fqns)):
+        if set(now) != set(then):
+            extra = sorted(set(now) ^ set(then))
+            raise CheckpointError(f"optimizer group {i} holds other parameters in the checkpoint than in this run, "
+                                  f"e.g. {extra[0]}")
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

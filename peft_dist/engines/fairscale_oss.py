@@ -29,20 +29,34 @@ class FairscaleOSSEngine(DDPEngine):
             return OSS(groups, optim=torch.optim.AdamW, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         return OSS(groups, optim=torch.optim.SGD, lr=o.lr, momentum=o.momentum)
 
-    def save(self, path) -> None:
-        """OSS shards optimizer state: consolidate on rank 0 and store it beside the adapters (torch.save of
-        tensors and plain values only, so it loads with weights_only=True)."""
+    def full_state(self):
+        """OSS shards optimizer state over the ranks: consolidate it on rank 0, keyed by parameter FQN."""
         import torch.distributed as dist
 
-        from peft_dist.train.checkpoint import save_dcp
+        from peft_dist.train.checkpoint import FullState
 
-        self.optimizer.consolidate_state_dict(recipient_rank=0)
-        if dist.get_rank() == 0:
-            torch.save(self.optimizer.state_dict(), f"{path}/oss_optimizer.pt")
-        save_dcp(self.module, None, path)
+        model = self.state_dict(adapters_only=True)
+        self.optimizer.consolidate_state_dict(recipient_rank=0)  # collective
+        if dist.get_rank() != 0:
+            return FullState({}, {}, [])
+        consolidated = self.optimizer.state_dict()
+        order = [n for group in self.param_group_fqns() for n in group]
+        ids = [i for g in consolidated["param_groups"] for i in g["params"]]
+        fqn_of = dict(zip(ids, order))
+        state = {fqn_of[i]: s for i, s in consolidated["state"].items()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [fqn_of[i] for i in g["params"]]}
+                  for g in consolidated["param_groups"]]
+        return FullState(model, state, groups)
 
-    def load(self, path) -> None:
-        from peft_dist.train.checkpoint import load_dcp
+    def load_full_state(self, full) -> None:
+        """Every rank hands OSS the whole state in torch's positional format; OSS keeps its own share."""
+        from peft_dist.engines.engine import check_param_groups
 
-        load_dcp(self.module, None, path)
-        self.optimizer.load_state_dict(torch.load(f"{path}/oss_optimizer.pt", weights_only=True))
+        current = self.param_group_fqns()
+        check_param_groups(current, full.param_groups)
+        self.load_state_dict(full.model)
+        index = {n: i for i, n in enumerate(n for group in current for n in group)}
+        groups = [{**{k: v for k, v in saved.items() if k != "params"}, "params": [index[n] for n in now]}
+                  for now, saved in zip(current, full.param_groups)]
+        state = {index[n]: dict(s) for n, s in full.optimizer_state.items() if n in index}
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -31,7 +31,8 @@ from peft_dist.methods.base import TrainPlan, count_trainable
 from peft_dist.methods.registry import build_method
 from peft_dist.models.backbone import create_backbone
 from peft_dist.tracking import make_tracker
-from peft_dist.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from peft_dist.tracking.mlflow_logger import RUN_ID_FILE
+from peft_dist.train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from peft_dist.train.errors import Diverged
 
 
@@ -80,7 +81,7 @@ def _batches_per_epoch(loader: Iterable) -> int:
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "memory.json", "adapter.safetensors",
-             PREEMPTED_MARKER, "checkpoints")
+             PREEMPTED_MARKER, "checkpoints", RUN_ID_FILE)
 """What a started or finished run leaves in its out_dir (a run with ``resume: none`` never writes over these)."""
 
 
@@ -110,6 +111,16 @@ def remove_run_files(paths: list[Path]) -> None:
 class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv, device: torch.device,
                  train_loader: Iterable | None = None, eval_loader: Iterable | None = None):
+        # from the first moment a SLURM signal is a request to requeue (its default action would kill the job)
+        self.preemption = PreemptionFlag().install()
+        try:
+            self.set_up(cfg, env, device, train_loader, eval_loader)
+        except BaseException:
+            self.preemption.uninstall()
+            raise
+
+    def set_up(self, cfg: RunConfig, env: DistEnv, device: torch.device, train_loader: Iterable | None,
+               eval_loader: Iterable | None) -> None:
         self.cfg, self.env, self.device = cfg, env, device
         self.out_dir = Path(cfg.train.out_dir)
         replaced = check_out_dir(self.out_dir, cfg.train.resume, cfg.train.overwrite)
@@ -136,13 +147,16 @@ class Trainer:
         tags = {"world_size": str(env.world_size), "engine": cfg.dist.engine, "method": cfg.method.name,
                 "backend": "nccl" if device.type == "cuda" else "gloo", "model": cfg.model.name,
                 "precision": self.engine.precision}
-        self.tracker = make_tracker(cfg, env.is_main, tags)
         self.skipped: set[int] = set()
         self.images_seen = 0
+        self.nonfinite_skipped = 0
         self.start_step = 0
         self.eval_history: list[dict[str, float]] = []
-        self.preemption = PreemptionFlag()
-        resume_from = resolve_resume(cfg.train.resume, self.out_dir)
+        self.save_interval_s = 60.0 * cfg.train.checkpoint_interval_minutes()
+        self.last_save_time, self.last_saved_step = time.monotonic(), -1
+        resume_from = resolve_resume(cfg.train.resume, self.out_dir, device)
+        if resume_from is not None:  # reads only: a checkpoint that does not fit leaves the directory as it was
+            self.restore(resume_from)
         # every check has passed: only now does this run take the directory (and replace an old run, if asked);
         # the barrier keeps rank 0's writes from reaching a rank that has not looked at the directory yet
         if dist.is_initialized():
@@ -151,18 +165,22 @@ class Trainer:
             remove_run_files(replaced)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out_dir / "config.yaml")
+        self.tracker = make_tracker(cfg, env.is_main, tags, resuming=resume_from is not None)
         if resume_from is not None:
-            self.restore(resume_from)
+            if env.is_main:
+                self.truncate_metrics(self.start_step)
+                print(f"resumed from {resume_from.path} at step {self.start_step}{self.resume_note}")
+            self.tracker.set_tags({"resumed_at_step": str(self.start_step)})
 
-    def restore(self, path: Path) -> None:
-        state = load_checkpoint(self.engine, path)
-        self.start_step = int(state["step"])
-        self.engine.scheduler.load_state_dict(state["scheduler"])
-        self.method.load_state_dict(state["method"])
-        self.skipped, self.images_seen = {int(i) for i in state["skipped"]}, int(state["images_seen"])
-        if self.env.is_main:
-            self.truncate_metrics(self.start_step)
-            print(f"resumed from {path} at step {self.start_step}")
+    def restore(self, verified) -> None:
+        state = load_checkpoint(self.engine, verified, self.cfg)
+        self.start_step = state.step
+        self.engine.scheduler.load_state_dict(state.scheduler)
+        self.method.load_state_dict(state.method)
+        self.skipped = {int(i) for i in state.trainer["skipped"]}
+        self.images_seen = int(state.trainer["images_seen"])
+        self.nonfinite_skipped = int(state.trainer.get("nonfinite_steps_skipped", 0))
+        self.resume_note = "" if state.rng_restored else " (another world size: each rank keeps its seeded RNG)"
 
     def truncate_metrics(self, step: int) -> None:
         """Drop records the interrupted run logged after its last checkpoint: they will be logged again."""
@@ -172,10 +190,15 @@ class Trainer:
             atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
     def save(self, step: int) -> Path:
-        """A complete checkpoint after ``step`` optimizer steps (every rank calls this)."""
-        state = {"step": step, "scheduler": self.engine.scheduler.state_dict(), "method": self.method.state_dict(),
-                 "skipped": sorted(self.skipped), "images_seen": self.images_seen}
-        return save_checkpoint(self.engine, self.out_dir, step, state, keep=self.cfg.train.keep_checkpoints)
+        """A checkpoint after ``step`` optimizer steps (every rank calls this)."""
+        trainer_state = {"skipped": sorted(self.skipped), "images_seen": self.images_seen,
+                         "nonfinite_steps_skipped": self.nonfinite_skipped,
+                         "micro_batches_consumed": step * self.cfg.train.grad_accum}
+        path = save_checkpoint(self.engine, self.cfg, self.out_dir, step, trainer_state,
+                               self.engine.scheduler.state_dict(), self.method.state_dict(),
+                               keep=self.cfg.train.keep_checkpoints)
+        self.last_saved_step, self.last_save_time = step, time.monotonic()
+        return path
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -189,11 +212,13 @@ class Trainer:
                    mininterval=0.1 if sys.stderr.isatty() else 30.0)
         start = window_start = time.perf_counter()
         window_images, window_loss, window_steps = 0, 0.0, 0
-        self.preemption.install()
         (self.out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         mode = "a" if self.start_step else "w"
         metrics_file = (self.out_dir / "metrics.jsonl").open(mode) if self.env.is_main else None
         try:
+            preempted, _ = self.step_end_flags()
+            if preempted:  # signalled while starting up: nothing new to save
+                self.exit_for_requeue(self.start_step, save=False)
             for step in range(self.start_step, self.total_steps):
                 epoch = step // self.steps_per_epoch
                 if step % self.steps_per_epoch == 0:
@@ -213,32 +238,53 @@ class Trainer:
                         metrics_file.flush()
                     self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
                     window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-                if cfg.train.save_every_steps and ((step + 1) % cfg.train.save_every_steps == 0 or last):
+                preempted, save_due = self.step_end_flags()
+                # the last step is saved whenever checkpoints are periodic: a kill during the final evaluation
+                # then resumes at the end and only evaluates again
+                periodic = cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0
+                if periodic or save_due or (last and (cfg.train.save_every_steps or self.save_interval_s)):
                     self.save(step + 1)
-                if not last and self.preemption.agreed(self.device):
-                    self.save(step + 1)
-                    if self.env.is_main:
-                        # torchrun reports any worker exit as 1, so leave a marker the batch script can see too
-                        atomic_write_text(self.out_dir / PREEMPTED_MARKER, json.dumps({"step": step + 1}) + "\n")
-                        print(f"preempted ({self.preemption.signal_name or 'another rank'}): checkpoint at step "
-                              f"{step + 1} written; exiting with status {REQUEUE_EXIT_CODE} for requeue", flush=True)
-                    self.tracker.set_tags({"preempted_at_step": str(step + 1)})
-                    raise Preempted(step + 1)
+                if not last and preempted:
+                    self.exit_for_requeue(step + 1, save=self.last_saved_step != step + 1)
                 if not last and self.eval_due(step + 1):
                     top1 = self.evaluate()
                     self.eval_history.append({"step": step + 1, "epoch": (step + 1) / self.steps_per_epoch,
                                               "top1": top1})
                     self.tracker.log_metrics({"eval_top1": top1}, step=step + 1)
+            bar.close()
+            train_time = time.perf_counter() - start
+            top1 = self.evaluate()
+            preempted, _ = self.step_end_flags()
+            if preempted:  # signalled during the final evaluation: the requeued job evaluates again
+                self.exit_for_requeue(self.total_steps, save=self.last_saved_step != self.total_steps)
+            self.eval_history.append({"step": self.total_steps, "epoch": self.total_steps / self.steps_per_epoch,
+                                      "top1": top1})
+            return self.finish(top1, train_time)
         finally:
             self.preemption.uninstall()
             bar.close()
             if metrics_file:
                 metrics_file.close()
-        train_time = time.perf_counter() - start
-        top1 = self.evaluate()
-        self.eval_history.append({"step": self.total_steps, "epoch": self.total_steps / self.steps_per_epoch,
-                                  "top1": top1})
-        return self.finish(top1, train_time)
+
+    def step_end_flags(self) -> tuple[bool, bool]:
+        """(preempted, checkpoint due), agreed by every rank in one all-reduce: any rank's signal counts, and
+        rank 0's clock alone decides the timed checkpoint (ranks' clocks drift)."""
+        due = self.env.is_main and self.save_interval_s > 0 and \
+            time.monotonic() - self.last_save_time >= self.save_interval_s
+        preempted, due_sum = all_reduce_sum([1.0 if self.preemption.requested else 0.0, 1.0 if due else 0.0],
+                                            self.device)
+        return preempted > 0, due_sum > 0
+
+    def exit_for_requeue(self, step: int, save: bool) -> None:
+        if save:
+            self.save(step)
+        if self.env.is_main:
+            # torchrun reports any worker exit as 1, so leave a marker the batch script can see too
+            atomic_write_text(self.out_dir / PREEMPTED_MARKER, json.dumps({"step": step}) + "\n")
+            print(f"preempted ({self.preemption.signal_name or 'another rank'}): checkpoint at step {step} "
+                  f"{'written' if save else 'kept'}; exiting with status {REQUEUE_EXIT_CODE} for requeue", flush=True)
+        self.tracker.set_tags({"preempted_at_step": str(step)})
+        raise Preempted(step)
 
     def eval_due(self, steps_done: int) -> bool:
         """Evaluate at an epoch end. ``standard``: after every ``eval_every_epochs`` completed epochs. ``paper``:
@@ -288,25 +334,44 @@ class Trainer:
             loss = self.engine.forward_backward(x, y, sync=micro == accum - 1)
             loss_sum += float(loss)
             images += y.shape[0]
-        self.check_finite(step, loss_sum / accum)
-        if step == 0:
+        if not self.may_apply(step, loss_sum / accum, self.engine.grad_norm()):
+            self.engine.skip_step()
+            self.images_seen += images
+            return loss_sum / accum, self.engine.optimizer.param_groups[0]["lr"], images
+        first = step == self.start_step  # a resumed run measures its state like a fresh one
+        if first:
             self.profiler.capture_state(self.engine.module, self.engine.optimizer)
         with self.profiler.phase("optimizer"):
             lr = self.engine.step(step)
-        if step == 0:  # optimizer state exists only after the first step
+        if first:  # a fresh optimizer's state exists only after its first step
             self.profiler.capture_state(self.engine.module, self.engine.optimizer)
         self.images_seen += images
         return loss_sum / accum, lr, images
 
-    def check_finite(self, step: int, loss: float) -> None:
-        """Stop before the optimizer applies a non-finite loss's gradients; every rank agrees (one scalar)."""
-        bad, = all_reduce_sum([0.0 if np.isfinite(loss) else 1.0], self.device)
-        if bad:
-            checkpoints = sorted((self.out_dir / "checkpoints").glob("step-*"))
-            last = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written"
-            raise Diverged(f"training diverged at step {step + 1}: the loss is {loss} on rank {self.env.rank} "
-                           f"(non-finite on {int(bad)} rank(s)); nothing of this step was applied; {last}; "
-                           "lower optim.lr or set optim.grad_clip")
+    def may_apply(self, step: int, loss: float, grad_norm: float | None) -> bool:
+        """Whether this step's gradients may be applied: every rank agrees (one scalar). A non-finite loss or
+        gradient norm stops the run before the optimizer sees it, or, with ``train.on_nonfinite=skip``, drops the
+        step (at most ``max_nonfinite_skips`` in a row)."""
+        finite = np.isfinite(loss) and (grad_norm is None or np.isfinite(grad_norm))
+        bad, = all_reduce_sum([0.0 if finite else 1.0], self.device)
+        if not bad:
+            self.nonfinite_in_row = 0
+            return True
+        t = self.cfg.train
+        self.nonfinite_in_row = getattr(self, "nonfinite_in_row", 0) + 1
+        what = f"the loss is {loss}" if not np.isfinite(loss) else f"the gradient norm is {grad_norm}"
+        if t.on_nonfinite == "skip" and self.nonfinite_in_row <= t.max_nonfinite_skips:
+            self.nonfinite_skipped += 1
+            if self.env.is_main:
+                print(f"warning: step {step + 1} skipped: {what} on rank {self.env.rank} (non-finite on {int(bad)} "
+                      f"rank(s); {self.nonfinite_in_row} in a row)", file=sys.stderr, flush=True)
+            return False
+        checkpoints = list_checkpoints(self.out_dir)
+        last = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written"
+        row = f" after {self.nonfinite_in_row - 1} skipped step(s) in a row" if t.on_nonfinite == "skip" else ""
+        raise Diverged(f"training diverged at step {step + 1}{row}: {what} on rank {self.env.rank} (non-finite on "
+                       f"{int(bad)} rank(s)); nothing of this step was applied; {last}; lower optim.lr or set "
+                       "optim.grad_clip")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -357,6 +422,7 @@ class Trainer:
             "wall_time_s": train_time,
             "images_per_s": images_total / max(train_time, 1e-9),
             "skipped_samples": int(skipped),
+            "nonfinite_steps_skipped": self.nonfinite_skipped,
             "sampling": getattr(self.train_loader, "sampling", "custom"),
             "padded_samples_per_epoch": int(getattr(self.train_loader, "padded_samples_per_epoch", 0)),
             "world_size": self.env.world_size,
