@@ -6,7 +6,6 @@ optimizer, :meth:`build_optimizer`). Engines know nothing about the method beyon
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import torch

@@ -402,16 +402,20 @@ def read_allocation(path: str | Path, key: str = "allocation") -> dict[str, Any]
     return doc
 
 
-def backbone_fingerprint(model: nn.Module) -> str:
+def backbone_fingerprint(model: nn.Module) -> str | None:
     """sha256 of the backbone's weights (every parameter but the head's, in name order): tells a pre-trained
-    backbone from a random one or another checkpoint, whatever the file was called."""
+    backbone from a random one or another checkpoint, whatever the file was called. None for a model without
+    data (meta or fake tensors: the dry run and the memory estimator), whose weights cannot be told apart."""
     import hashlib
 
-    digest = hashlib.sha256()
     from peft_dist.methods.base import head_parameters
 
+    params = sorted(model.named_parameters())
+    if any(p.is_meta or type(p.data).__name__ == "FakeTensor" for _, p in params):
+        return None
+    digest = hashlib.sha256()
     head = {id(p) for p in head_parameters(model)}
-    for name, p in sorted(model.named_parameters()):
+    for name, p in params:
         if id(p) not in head:
             digest.update(name.encode())
             digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from launcher.env import DistEnv
 from launcher.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
-from peft_dist.config import ConfigError, RunConfig
+from peft_dist.config import ConfigError, RunConfig, resolve_global_batch
 from peft_dist.engines import parallelize
 from peft_dist.engines.process_group import all_reduce_sum, distinct_over_ranks
 from peft_dist.memory import MemoryProfiler, MemoryReport
@@ -87,6 +87,9 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "memory.json", "ada
 
 def check_out_dir(out_dir: Path, resume: str, overwrite: bool) -> list[Path]:
     """The run files in ``out_dir`` that a new run (``resume: none``) would replace; refused unless ``overwrite``."""
+    for parent in out_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"train.out_dir: {parent} is a file, not a directory")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"train.out_dir: {out_dir} is a file, not a directory")
     if resume != "none" or not out_dir.is_dir():
@@ -121,10 +124,11 @@ class Trainer:
 
     def set_up(self, cfg: RunConfig, env: DistEnv, device: torch.device, train_loader: Iterable | None,
                eval_loader: Iterable | None) -> None:
-        self.cfg, self.env, self.device = cfg, env, device
+        self.cfg, self.env, self.device = resolve_global_batch(cfg, env.world_size), env, device
         self.out_dir = Path(cfg.train.out_dir)
         replaced = check_out_dir(self.out_dir, cfg.train.resume, cfg.train.overwrite)
-        if train_loader is None or eval_loader is None:  # data errors surface before the model is built
+        builds_loaders = train_loader is None or eval_loader is None
+        if builds_loaders:  # data errors surface before the model is built
             from peft_dist.data import build_eval_loader, build_train_loader
             train_loader = train_loader or build_train_loader(cfg.data, env.rank, env.world_size, cfg.train.seed)
             eval_loader = eval_loader or build_eval_loader(cfg.data, env.rank, env.world_size)
@@ -134,6 +138,10 @@ class Trainer:
             raise ConfigError(f"model.num_classes: got {cfg.model.num_classes}, but the data has {data_classes} "
                               f"classes; set model.num_classes={data_classes}")
         self.model, self.method = build_model(cfg)
+        if builds_loaders:  # loaders handed in (tests, notebooks) bring images of their own size
+            from peft_dist.models.backbone import check_image_size
+
+            check_image_size(self.model, cfg.data.img_size)
         self.param_counts = count_trainable(self.model)
 
         self.steps_per_epoch = max(1, _batches_per_epoch(train_loader) // cfg.train.grad_accum)
