@@ -304,8 +304,29 @@ def test_spt_recipes_load(tmp_path):
 
 
 def test_benchmark_quick_run_reports_ratios(capsys):
-    _benchmark_module().main(["--quick"])  # in-process: a second interpreter would double the import cost on 2 cores
+    returned = _benchmark_module().main(["--quick"])  # in-process: a second interpreter doubles the import cost
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["quick"] is True and result["step_speedup_vs_official"] > 0
-    # saved memory is deterministic: the official path keeps a weight clone and a B·N·K gather, ours only x
-    assert result["saved_bytes_ratio_vs_official"] >= 3
+    assert result == returned
+    # --quick: two shapes, 2 x 50 tokens, K = 400 entries per matrix, fp32 on CPU
+    assert (result["quick"], result["k_per_matrix"], result["tokens"], result["device"]) == (True, 400, [2, 50], "cpu")
+    assert [r["shape"] for r in result["shapes"]] == [[96, 96], [384, 96]]
+    ours_total = official_total = time_ours = time_official = 0
+    for r in result["shapes"]:
+        d_out, d_in = r["shape"]
+        assert (r["k"], r["tokens"]) == (400, [2, 50])
+        # saved bytes follow from the shapes alone: ours keeps only the fp32 input x (2·50·d_in); the official
+        # approach keeps its W0 + δ clone (d_out·d_in) and the gathered input columns (2·50·K)
+        assert r["saved_bytes_ours"] == 2 * 50 * d_in * 4
+        assert r["saved_bytes_official"] == (d_out * d_in + 2 * 50 * 400) * 4
+        assert r["saved_bytes_ratio"] == r["saved_bytes_official"] / r["saved_bytes_ours"]
+        assert r["step_s_ours"] > 0 and r["step_s_official"] > 0
+        assert r["step_speedup"] == pytest.approx(r["step_s_official"] / r["step_s_ours"], rel=1e-12)
+        ours_total += r["saved_bytes_ours"]
+        official_total += r["saved_bytes_official"]
+        time_ours += r["step_s_ours"]
+        time_official += r["step_s_official"]
+    # the headline ratios are over all shapes: summed official over summed ours
+    assert result["saved_bytes_ratio_vs_official"] == pytest.approx(official_total / ours_total, rel=1e-12)
+    closed_form = (96 * 96 + 384 * 96 + 2 * 100 * 400) / (2 * 100 * 96)
+    assert result["saved_bytes_ratio_vs_official"] == pytest.approx(closed_form)
+    assert result["step_speedup_vs_official"] == pytest.approx(time_official / time_ours, rel=1e-12)
