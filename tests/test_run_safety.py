@@ -88,3 +88,104 @@ def test_divergence_from_the_cli_is_one_line(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("peft-dist: error: training diverged at step"), r.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupted_then_resumed(tmp_path, *extra, stop_before=2):
+    """A 6-step run killed (an exception) right after its step-2 checkpoint, then resumed."""
+    batches = fixed_batches(n=3)
+    cfg = tiny_cfg(tmp_path, "lora", "train.steps=6", "train.save_every_steps=2", "train.log_every=1", *extra)
+    first = Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches)
+    original = first.train_step
+
+    def train_step(step, stream):
+        if step == stop_before:
+            raise Interrupted
+        return original(step, stream)
+
+    first.train_step = train_step
+    with pytest.raises(Interrupted):
+        first.fit()
+    first.tracker.finish("KILLED")
+    cfg = tiny_cfg(tmp_path, "lora", "train.steps=6", "train.save_every_steps=2", "train.log_every=1",
+                   "train.resume=auto", *extra)
+    resumed = Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches)
+    return first, resumed, resumed.fit()
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first, resumed, summary = interrupted_then_resumed(tmp_path, "tracking.enabled=true", f"tracking.uri={uri}")
+    assert first.tracker.run_id and summary["mlflow_run_id"] == first.tracker.run_id
+    client = mlflow.tracking.MlflowClient(uri)
+    run = client.get_run(first.tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_at_step"] == "2"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4, 5, 6]
+    experiment = client.get_experiment_by_name("peft-dist")
+    assert len(client.search_runs([experiment.experiment_id])) == 1  # no second run per requeue
+
+
+def test_memory_of_a_resumed_run_is_measured_like_a_fresh_one(tmp_path):
+    _, _, summary = interrupted_then_resumed(tmp_path)
+    fresh = finished_run(tmp_path / "fresh")[0]
+    expected = json.loads((fresh / "summary.json").read_text())["state_memory_bytes_per_rank"]
+    assert summary["state_memory_bytes_per_rank"] == expected and expected[0] > 0
+
+
+def test_timed_checkpoints_and_their_slurm_default(tmp_path):
+    from peft_dist.config import TrainConfig
+
+    assert TrainConfig().checkpoint_interval_minutes({"SLURM_JOB_ID": "7"}) == 30.0
+    assert TrainConfig().checkpoint_interval_minutes({}) == 0.0
+    assert TrainConfig(save_every_minutes=0).checkpoint_interval_minutes({"SLURM_JOB_ID": "7"}) == 0.0
+    batches = fixed_batches(n=2)
+    cfg = tiny_cfg(tmp_path, "lora", "train.steps=4", "train.save_every_minutes=1e-9", "train.keep_checkpoints=10")
+    Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches).fit()
+    from peft_dist.train.checkpoint import list_checkpoints
+
+    assert [p.name for p in list_checkpoints(tmp_path / "lora")] == [f"step-0000000{i}" for i in (1, 2, 3, 4)]
+
+
+def poison_gradient_at(trainer, step_to_poison):
+    """The head's weight gradient becomes NaN during the given step (the loss stays finite)."""
+    calls = {"n": 0}
+    weight = trainer.engine.module.head.weight
+
+    def hook(grad):
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] == step_to_poison + 1 else grad
+
+    weight.register_hook(hook)
+
+
+def test_a_non_finite_gradient_norm_stops_the_run(tmp_path):
+    batches = fixed_batches(n=2)
+    trainer = Trainer(tiny_cfg(tmp_path, "lora", "train.steps=4"), DistEnv(), torch.device("cpu"), batches, batches)
+    poison_gradient_at(trainer, 2)
+    with pytest.raises(Diverged, match=r"training diverged at step 3: the gradient norm is nan"):
+        trainer.fit()
+
+
+def test_skip_drops_exactly_the_non_finite_step(tmp_path):
+    batches = fixed_batches(n=2)
+    cfg = tiny_cfg(tmp_path, "lora", "train.steps=4", "train.on_nonfinite=skip")
+    trainer = Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches)
+    poison_gradient_at(trainer, 2)
+    summary = trainer.fit()
+    assert summary["status"] == "finished" and summary["nonfinite_steps_skipped"] == 1
+    steps = {int(s["step"]) for s in trainer.engine.optimizer.state.values()}
+    assert steps == {3}  # Adam applied steps 1, 2 and 4 only
+    assert all(torch.isfinite(p).all() for p in trainer.engine.module.parameters())
+
+
+def test_skip_still_stops_a_run_that_keeps_diverging(tmp_path):
+    batches = fixed_batches(n=2)
+    cfg = tiny_cfg(tmp_path, "lora", "train.steps=6", "train.on_nonfinite=skip", "train.max_nonfinite_skips=2",
+                   "optim.lr=1e30")
+    with pytest.raises(Diverged, match=r"after 2 skipped step\(s\) in a row"):
+        Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches).fit()
