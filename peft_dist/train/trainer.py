@@ -173,7 +173,9 @@ class Trainer:
             remove_run_files(replaced)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out_dir / "config.yaml")
-        self.tracker = make_tracker(cfg, env.is_main, tags, resuming=resume_from is not None)
+        # resume=auto continues the MLflow run of this directory even before its first checkpoint (a job preempted
+        # while starting up is requeued into the same run)
+        self.tracker = make_tracker(cfg, env.is_main, tags, resuming=cfg.train.resume != "none")
         if resume_from is not None:
             if env.is_main:
                 self.truncate_metrics(self.start_step)
