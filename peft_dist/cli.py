@@ -105,10 +105,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from peft_dist.train.evaluate import export_merged
+    from peft_dist.train.evaluate import export_run
 
-    out = export_merged(args.run, args.out)
-    print(f"wrote {out} (plain timm weights; create the model with the kwargs in {out.with_suffix('.json')})")
+    out = export_run(args.run, args.format, args.out)
+    if args.format == "peft":
+        print(f"wrote {out} (adapter_config.json + adapter_model.safetensors: peft.PeftModel.from_pretrained(model, "
+              f"'{out}') on the timm backbone described in {out / 'base_model.json'})")
+    else:
+        print(f"wrote {out} (plain timm weights; create the model with the kwargs in {out.with_suffix('.json')})")
     return 0
 
 
@@ -166,9 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.eval_split=val")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="merge a run's adapters into a plain timm model.safetensors")
+    x = sub.add_parser("export", help="a run's adapters as a plain timm model.safetensors (merged) or a Hugging Face "
+                                      "peft adapter directory (peft, LoRA runs)")
     x.add_argument("--run", required=True)
-    x.add_argument("--out", default=None, help="output file (default: RUN/model.safetensors)")
+    x.add_argument("--format", default="merged", choices=["merged", "peft"],
+                   help="merged: adapters folded into plain timm weights; peft: adapter_config.json + "
+                        "adapter_model.safetensors for peft.PeftModel.from_pretrained (LoRA)")
+    x.add_argument("--out", default=None,
+                   help="output: a file for merged (default: RUN/model.safetensors), a directory for peft "
+                        "(default: RUN/peft)")
     x.set_defaults(func=cmd_export)
 
     la = sub.add_parser("launch", help="start N local processes: peft-dist launch --nproc 2 -- train --config F")

@@ -14,10 +14,45 @@ from peft_dist.models.backbone import CheckpointError
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The run's resolved config, its file paths found again when the run directory was copied elsewhere."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"run directory has no config.yaml: {path}")
-    return load_config(path, overrides)
+    cfg = load_config(path, overrides)
+    relocate_run_paths(cfg, Path(run_dir), {o.split("=", 1)[0].strip() for o in overrides or []})
+    return cfg
+
+
+RUN_PATH_KEYS = (("model", "checkpoint"), ("data", "path"))
+"""Files a run's config names that ``eval``/``export`` read: the backbone weights and the eval shards."""
+
+
+def run_path_candidates(value: str, run_dir: Path) -> list[Path]:
+    """Where a path the run's config names may be on this machine, in order: as written (absolute, or relative to
+    the working directory as at training time), relative to the run directory, then by its name inside the run
+    directory or beside it (a run copied together with its backbone or shards)."""
+    given = Path(value)
+    candidates = [given] if given.is_absolute() else [given, run_dir / given]
+    candidates += [run_dir / given.name, run_dir.parent / given.name]
+    return list(dict.fromkeys(candidates))
+
+
+def relocate_run_paths(cfg: RunConfig, run_dir: Path, overridden: set[str]) -> None:
+    """Point ``model.checkpoint`` and ``data.path`` at the first candidate that exists. A missing backbone is one
+    line naming where it was looked for and the override that names it; missing shards are left for the loader,
+    which names them, because ``export`` needs no data. Paths given as overrides are taken as they are."""
+    for section, key in RUN_PATH_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if value is None or f"{section}.{key}" in overridden:
+            continue
+        candidates = run_path_candidates(str(value), run_dir)
+        found = next((c for c in candidates if c.exists()), None)
+        if found is not None:
+            setattr(getattr(cfg, section), key, str(found))
+        elif (section, key) == ("model", "checkpoint"):
+            raise CheckpointError(f"model.checkpoint: the backbone of run {run_dir}, {value}, is not on this machine "
+                                  f"(looked for {', '.join(str(c) for c in candidates[1:])}); copy it into or beside "
+                                  "the run directory, or name it: model.checkpoint=PATH")
 
 
 LEGACY_SUFFIXES = ((".weight_delta", ".weight_delta.values"), (".bias_delta", ".bias_delta.values"))
@@ -106,3 +141,12 @@ def export_merged(run_dir: str | Path, out: str | Path | None = None) -> Path:
     create = {"model_name": cfg.model.name, "num_classes": cfg.model.num_classes, **cfg.model.kwargs}
     out.with_suffix(".json").write_text(json.dumps(create, indent=2) + "\n")
     return out
+
+
+def export_run(run_dir: str | Path, export_format: str = "merged", out: str | Path | None = None) -> Path:
+    """``peft-dist export``: ``merged`` (a plain timm ``model.safetensors``) or ``peft`` (a Hugging Face peft adapter
+    directory, LoRA runs); a format the run's method has not is one line naming the formats it has."""
+    from peft_dist.export_peft import check_export_format, export_peft
+
+    check_export_format(load_run_config(run_dir).method.name, export_format, run_dir)
+    return export_peft(run_dir, out) if export_format == "peft" else export_merged(run_dir, out)
