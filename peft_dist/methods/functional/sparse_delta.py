@@ -3,12 +3,18 @@
 The layer computes ``y = x · (W0 + scatter(δ))ᵀ`` where ``W0`` is the frozen weight and ``δ ∈ R^K`` holds the K
 trainable entries at flat positions ``index`` of ``W0``. The official code saves a full clone of the effective weight
 and the gathered input columns ``x[..., cols]`` (B·N·K numbers), and takes the diagonal of a K×K product in backward.
-Here the Function saves only what a frozen ``nn.Linear`` saves, the input ``x`` (``W0``, ``δ`` and ``index`` are
-parameters/buffers that exist anyway):
+A frozen ``nn.Linear`` saves nothing for its weight (only what a weight gradient would need, and frozen it needs
+none); ∂L/∂δ needs the input only at the C ≤ min(K, d_in) distinct columns its entries touch. So the Function saves
+``x[..., touched]`` (B·N·C numbers, never more than the official B·N·K) together with the C touched columns and the K
+entries' positions among them, or the whole ``x`` where that is not smaller (C close to d_in); ``W0``, ``δ`` and
+``index`` are parameters/buffers that exist anyway:
 
 * forward rebuilds ``W0 + scatter(δ)`` transiently and runs one GEMM;
-* backward rebuilds it again for ``∂L/∂x = G · W_eff`` and forms the dense weight gradient ``Gᵀ·X`` once, as a
-  transient GEMM, then gathers it at ``index`` for ``∂L/∂δ``. No K×K matrix, no B·N·K gather.
+* backward rebuilds it again for ``∂L/∂x = G · W_eff`` and forms the weight gradient on the touched columns only,
+  ``Gᵀ·X[:, touched]`` (d_out×C, transient), then gathers it at the entries for ``∂L/∂δ``. No K×K matrix.
+
+The touched columns of an index buffer are worked out once (:func:`touched_columns`, cached per index tensor: no
+``unique`` and no host synchronisation per step).
 
 Under autocast, :func:`sparse_delta_linear` casts the input and weight to the autocast dtype itself and runs the
 Function with autocast off, so ``δ`` keeps its own (fp32) dtype and receives its gradient in that dtype (§5.2 item 6).
@@ -22,6 +28,7 @@ layer's branches to be added before the one rounding.
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from peft_dist.methods.functional.kernelized import default_merged_gemm
 
@@ -82,42 +89,88 @@ def _times_effective_weight(a: torch.Tensor, weight: torch.Tensor, delta: torch.
     return out.view(*a.shape[:-1], w.shape[1])
 
 
+_touched_cache = WeakIdKeyDictionary()
+
+
+def touched_columns(index: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct input columns C the entries at ``index`` touch (ascending) and each entry's position among them.
+
+    Cached per index tensor (SPT's index buffers are fixed once built; a tensor modified in place, as its version
+    counter shows, or one moved to another device, is worked out again), so the ``unique`` and its host
+    synchronisation happen once per buffer, not per forward."""
+    cached = _touched_cache.get(index)
+    key = (index._version, in_features)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    columns, position = torch.unique(torch.remainder(index, in_features), sorted=True, return_inverse=True)
+    position = position.to(index.dtype)
+    _touched_cache[index] = (key, columns, position)
+    return columns, position
+
+
+def _saved_input(x: torch.Tensor, index: torch.Tensor, need_weight: bool):
+    """What backward needs of ``x`` for ∂L/∂δ: ``(x[..., touched], touched, positions)``, or ``(x, None, None)``
+    when the weight itself wants a gradient or the touched columns would not take fewer bytes than ``x``."""
+    d_in = x.shape[-1]
+    if need_weight:
+        return x, None, None
+    columns, position = touched_columns(index, d_in)
+    tokens = x.numel() // d_in
+    gathered_bytes = (tokens * x.element_size() * columns.numel() + columns.numel() * columns.element_size()
+                      + position.numel() * position.element_size())
+    if gathered_bytes >= x.numel() * x.element_size():
+        return x, None, None
+    return x.index_select(-1, columns), columns, position
+
+
 class SparseDeltaLinearFunction(torch.autograd.Function):
-    """``y = x · (W0 + scatter(δ, index))ᵀ`` with a dense-GEMM-then-gather backward (spec §1.5)."""
+    """``y = x · (W0 + scatter(δ, index))ᵀ``; backward forms Gᵀ·X on the touched columns and gathers it (§1.5)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor):
-        ctx.save_for_backward(x, weight, delta, index)
-        return _times_effective_weight(x, weight, delta, index, transposed=True)
+        return _sparse_delta_forward(ctx, x, weight, delta, index, wide=False)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight, delta, index = ctx.saved_tensors
+        x_saved, weight, delta, index, columns, position = ctx.saved_tensors
+        grad_out = grad_out.to(ctx.input_dtype)
         need_x, need_weight, need_delta = ctx.needs_input_grad[:3]
         grad_x = grad_weight = grad_delta = None
         if need_x:
             grad_x = _times_effective_weight(grad_out, weight, delta, index, transposed=False)
         if need_weight or need_delta:
-            # The full weight gradient as one GEMM over all tokens; it lives only inside this backward call.
-            dense = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+            G = grad_out.reshape(-1, grad_out.shape[-1])
+            # Gᵀ·X over all tokens on the saved columns (all of them or the touched ones); lives only in this call
+            dense = G.t().mm(x_saved.reshape(-1, x_saved.shape[-1]))
             if need_delta:
-                grad_delta = dense.reshape(-1).index_select(0, index).to(delta.dtype)
+                if ctx.gathered:
+                    rows = torch.div(index, ctx.in_features, rounding_mode="floor")
+                    flat = rows.long() * columns.numel() + position.long()
+                else:
+                    flat = index
+                grad_delta = dense.reshape(-1).index_select(0, flat).to(delta.dtype)
             if need_weight:
                 grad_weight = dense.to(weight.dtype)
         return grad_x, grad_weight, grad_delta, None
 
 
 class _AccumulatedSparseDeltaLinear(SparseDeltaLinearFunction):
-    """:class:`SparseDeltaLinearFunction` returning the fp32 accumulator under bf16/fp16 (``wide``)."""
+    """:class:`SparseDeltaLinearFunction` returning the fp32 accumulator under bf16/fp16 (``wide``); its incoming
+    gradient is cast back to the input's dtype in backward."""
 
     @staticmethod
     def forward(ctx, x, weight, delta, index):
-        ctx.save_for_backward(x, weight, delta, index)
-        return _times_effective_weight(x, weight, delta, index, transposed=True, wide=True)
+        return _sparse_delta_forward(ctx, x, weight, delta, index, wide=True)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        return SparseDeltaLinearFunction.backward(ctx, grad_out.to(ctx.saved_tensors[0].dtype))
+
+def _sparse_delta_forward(ctx, x, weight, delta, index, wide: bool) -> torch.Tensor:
+    need_weight, need_delta = ctx.needs_input_grad[1:3]
+    ctx.in_features, ctx.input_dtype = x.shape[-1], x.dtype
+    x_saved, columns, position = _saved_input(x, index, need_weight) if need_delta or need_weight else \
+        (None, None, None)
+    ctx.gathered = columns is not None
+    ctx.save_for_backward(x_saved, weight, delta, index, columns, position)
+    return _times_effective_weight(x, weight, delta, index, transposed=True, wide=wide)
 
 
 def sparse_delta_accumulated(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor,
