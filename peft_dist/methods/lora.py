@@ -1,6 +1,8 @@
 """LoRA (Hu et al. 2022) on timm ViTs: ΔW = (alpha / r)·B·A per target matrix, q/k/v as independent slices of the
 fused qkv (design.md: never one low-rank update across all three). A Kaiming-uniform (a=√5, the nn.Linear
-default), B zero, so training starts at the pretrained function. Merges exactly."""
+default), B zero, so training starts at the pretrained function. Merges exactly. In fp32/fp64 without LoRA dropout
+the update is folded into the frozen GEMM (``functional.low_rank``: one GEMM forward, one for the input gradient, q/k/v
+down-projections from one GEMM); otherwise a parallel branch. Parameter names and shapes are the same either way."""
 from __future__ import annotations
 
 import math
@@ -12,6 +14,7 @@ from torch import nn
 
 from peft_dist.config import check_range
 from peft_dist.methods.base import AdaptedModule, Method, add_to_rows, frozen_linear
+from peft_dist.methods.functional.low_rank import merged_low_rank_linear
 from peft_dist.methods.registry import register_method
 from peft_dist.models.targets import Target, check_targets, find_targets, group_by_path, replace_module
 
@@ -50,11 +53,31 @@ class LoRALinear(AdaptedModule):
             self.lora_B[name] = nn.Parameter(torch.zeros(rows.stop - rows.start, rank, **factory))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._merges_into_frozen_gemm(x):
+            return merged_low_rank_linear(x, self.base.weight, self.base.bias, self._rows, self.scale,
+                                          self._factors())
         xd = self.dropout(x)
         y, dtype = frozen_linear(self.base, x)
         return add_to_rows(y, [
             (rows, F.linear(F.linear(xd, self.lora_A[name]), self.lora_B[name]) * self.scale)
             for name, rows in self.slices.items()]).to(dtype)
+
+    def _merges_into_frozen_gemm(self, x: torch.Tensor) -> bool:
+        """fp32/fp64 compute with no LoRA dropout: one GEMM on W0 + ΔW (``functional.low_rank``), measured faster
+        than the parallel branch (``benchmarks/snell_step.py``: ``lora_over_plain_lora_step``). bf16/fp16 keep the
+        parallel branch, whose frozen output stays fp32 until the delta is added (``frozen_linear``)."""
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        return x.dtype in (torch.float32, torch.float64) and x.dtype == self.base.weight.dtype
+
+    @property
+    def _rows(self) -> tuple[tuple[int, int], ...]:
+        return tuple((rows.start, rows.stop) for rows in self.slices.values())
+
+    def _factors(self) -> list[torch.Tensor]:
+        return [t for name in self.slices for t in (self.lora_A[name], self.lora_B[name])]
 
     def delta_weight(self) -> torch.Tensor:
         dw = torch.zeros_like(self.base.weight)
