@@ -3,8 +3,15 @@ of SNELL against LoRA and against the official-style implementation, measured si
 
 Variants (all on q, k, v, proj, fc1, fc2 of every block, random weights, random data):
 
-* ``lora8`` / ``lora32``: peft-dist's LoRA, rank 8 / 32, no dropout;
+* ``lora8`` / ``lora32``: peft-dist's LoRA, rank 8 / 32, no dropout (fp32: folded into the frozen GEMM,
+  ``functional.low_rank``);
+* ``plainlora8``: the obvious LoRA, the frozen Linear plus ``up(down(x))`` from two bias-free ``nn.Linear``s per
+  matrix (q, k, v each their own pair on the fused qkv), on the same parameters as ``lora8``;
+* ``branchlora8``: ``lora8`` forced onto its parallel branch (the path it keeps under bf16 or with dropout), so the
+  merged-weight forward, the parallel branch and the plain LoRA are timed side by side;
 * ``snell32`` / ``snell8``: SNELL at s = 0.9 through the fused Function, ``mode=merged`` (one GEMM on W0 + ΔW);
+  the weight gradient at the survivors only (``survivor_grad=auto``);
+* ``snell32dense``: ``snell32`` with the dense weight gradient Gᵀ·X (``survivor_grad=never``), the same numbers;
 * ``reference32``: the same math the way the official code runs it (``implementation=reference``): a parallel
   branch, autograd through ``cdist`` and ``torch.quantile``, a second GEMM, per-adapter non-reentrant checkpointing
   (adapter Dropout/DropPath off, so it computes what ``snell32`` computes);
@@ -16,7 +23,8 @@ Variants (all on q, k, v, proj, fc1, fc2 of every block, random weights, random 
 
 Timing: after one (memory-tracked) warm-up step per variant, ``--reps`` rounds each time one step of every timed
 variant back to back (rotating the order), so machine noise hits all alike; a ratio is the median over rounds of
-that round's ratio. Peak memory: on CUDA ``max_memory_allocated`` of the second step after a reset; on CPU a
+that round's ratio. Each step is also timed by phase (forward, backward, optimizer): ``survivor_over_dense_backward``
+is the backward of ``snell32`` over that of ``snell32dense``. Peak memory: on CUDA ``max_memory_allocated`` of the second step after a reset; on CPU a
 dispatch-mode tracker sums the tensor storages alive at once during the first step, on top of the parameters and
 the optimizer state (exact for tensors, blind to allocator slack). The last line of output is one JSON object.
 
@@ -27,6 +35,7 @@ the optimizer state (exact for tensors, blind to allocator slack). The last line
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
@@ -37,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -45,16 +55,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import peft_dist  # noqa: E402
 
 SIX = ["q", "k", "v", "proj", "fc1", "fc2"]
-TIMED = ("lora8", "snell32", "reference32")
-MEMORY = ("lora8", "snell8", "lora32", "snell32", "reference32")
+TIMED = ("lora8", "plainlora8", "branchlora8", "snell32", "snell32dense", "reference32")
+MEMORY = ("lora8", "plainlora8", "snell8", "lora32", "snell32", "reference32")
 BF16_EXTRA = ("split32", "fp32gemm32", "faithful32")
 """Timed (and memory-tracked) only with --precision bf16: the merged-mode strategies and faithful mode."""
 _NO_REGULARISERS = dict(adapter_dropout=0.0, adapter_drop_path=0.0)
 
 
 def variant_options(name: str, sparsity: float) -> tuple[str, dict]:
-    rank = int(re.search(r"\d+$", name).group())
-    if name.startswith("lora"):
+    rank = int(re.search(r"\d+", name).group())
+    if "lora" in name:
         return "lora", dict(rank=rank, alpha=float(rank), targets=SIX, dropout=0.0)
     snell = dict(rank=rank, sparsity=sparsity)
     if name.startswith("snell"):
@@ -66,6 +76,61 @@ def variant_options(name: str, sparsity: float) -> tuple[str, dict]:
     if name.startswith("faithful"):
         return "snell", dict(snell, mode="faithful", **_NO_REGULARISERS)
     return "snell", dict(snell, implementation="reference", **_NO_REGULARISERS)
+
+
+class PlainLoRA(nn.Module):
+    """The obvious LoRA on one frozen Linear: ``base(x) + cat_i(up_i(down_i(x)))·scale`` with two bias-free
+    ``nn.Linear``s per matrix, their weights the given LoRALinear's own A and B parameters."""
+
+    def __init__(self, lora):
+        super().__init__()
+        self.base, self.scale, self.names = lora.base, lora.scale, list(lora.slices)
+        self.down, self.up = nn.ModuleDict(), nn.ModuleDict()
+        for name in self.names:
+            A, B = lora.lora_A[name], lora.lora_B[name]
+            self.down[name] = nn.Linear(A.shape[1], A.shape[0], bias=False, device=A.device, dtype=A.dtype)
+            self.down[name].weight = A
+            self.up[name] = nn.Linear(B.shape[1], B.shape[0], bias=False, device=B.device, dtype=B.dtype)
+            self.up[name].weight = B
+
+    def forward(self, x):
+        deltas = [self.up[n](self.down[n](x)) for n in self.names]
+        return self.base(x) + (deltas[0] if len(deltas) == 1 else torch.cat(deltas, -1)) * self.scale
+
+
+def _swap_in_plain_lora(model: nn.Module) -> None:
+    from peft_dist.methods.lora import LoRALinear
+    from peft_dist.models.targets import replace_module
+
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            replace_module(model, path, PlainLoRA(module))
+
+
+def _force_parallel_branch(model: nn.Module) -> None:
+    from peft_dist.methods.lora import LoRALinear
+
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module._merges_into_frozen_gemm = lambda x: False
+
+
+def _force_dense_weight_gradient(model: nn.Module) -> None:
+    from peft_dist.methods.snell import SnellLinear
+
+    for module in model.modules():
+        if isinstance(module, SnellLinear):
+            module.cfg = dataclasses.replace(module.cfg, survivor_grad="never")
+
+
+def _strided_parts(t) -> list[torch.Tensor]:
+    """The strided tensors holding ``t``'s bytes: ``t`` itself, or a sparse CSR tensor's three arrays (SNELL's
+    survivor-only gradient builds one per row block)."""
+    if not isinstance(t, torch.Tensor):
+        return []
+    if t.layout == torch.sparse_csr:
+        return [t.crow_indices(), t.col_indices(), t.values()]
+    return [t] if t.layout == torch.strided else []
 
 
 class StoragePeak(TorchDispatchMode):
@@ -84,8 +149,8 @@ class StoragePeak(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+        for t in (part for t in tree_flatten(out)[0] for part in _strided_parts(t)):
+            if t.device.type != "meta":
                 storage = t.untyped_storage()
                 if storage not in self.seen:
                     nbytes = storage.nbytes()
@@ -107,6 +172,12 @@ class Variant:
         torch.manual_seed(0)
         self.model = peft_dist.create_backbone(args.model, num_classes=100, **args.model_kwargs).to(device)
         self.method = peft_dist.apply_method(self.model, method_name, **options)
+        if name.startswith("plainlora"):
+            _swap_in_plain_lora(self.model)
+        elif name.startswith("branchlora"):
+            _force_parallel_branch(self.model)
+        elif name.endswith("dense"):
+            _force_dense_weight_gradient(self.model)
         self.opt = torch.optim.AdamW(self.method.param_groups(self.model, 0.01), lr=1e-4)
         self.device = device
         self.dtype = args.dtype
@@ -145,14 +216,24 @@ class Variant:
     def optimizer_state(self) -> list[torch.Tensor]:
         return [v for s in self.opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
 
-    def timed_step(self, x, y) -> float:
+    def _clock(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        self.step(x, y)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter()
+
+    def timed_step(self, x, y) -> dict[str, float]:
+        """Seconds of one step and of its forward, backward and optimizer phases."""
+        start = self._clock()
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            loss = F.cross_entropy(self.model(x).float(), y)
+        forward_end = self._clock()
+        loss.backward()
+        backward_end = self._clock()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        end = self._clock()
+        return {"step": end - start, "forward": forward_end - start, "backward": backward_end - forward_end,
+                "optimizer": end - backward_end}
 
 
 def main() -> None:
@@ -186,18 +267,27 @@ def main() -> None:
     for name, v in variants.items():
         peaks[name] = v.peak_bytes(x, y)
         print(f"{name:12s} peak {peaks[name] / 2**20:9.1f} MiB", flush=True)
-    rounds = []
+    rounds, phases = [], []
     for r in range(args.reps):
         order = timed[r % len(timed):] + timed[:r % len(timed)]
-        times = {name: variants[name].timed_step(x, y) for name in order}
-        rounds.append(times)
-        print("round", r, {k: round(v, 3) for k, v in times.items()}, flush=True)
+        timings = {name: variants[name].timed_step(x, y) for name in order}
+        rounds.append({name: t["step"] for name, t in timings.items()})
+        phases.append(timings)
+        print("round", r, {k: round(v["step"], 3) for k, v in timings.items()}, flush=True)
 
     def ratio(a, b):
         return statistics.median(t[a] / t[b] for t in rounds)
 
+    def phase_ratio(phase, a, b):
+        return statistics.median(t[a][phase] / t[b][phase] for t in phases)
+
     result = {
         "snell_over_lora_step": ratio("snell32", "lora8"),
+        "survivor_over_dense_backward": phase_ratio("backward", "snell32", "snell32dense"),
+        "survivor_over_dense_step": ratio("snell32", "snell32dense"),
+        "lora_over_plain_lora_step": ratio("lora8", "plainlora8"),
+        "lora_branch_over_plain_lora_step": ratio("branchlora8", "plainlora8"),
+        "lora_over_plain_lora_peak": peaks["lora8"] / peaks["plainlora8"],
         "fused_speedup_vs_reference": ratio("reference32", "snell32"),
         "snell_over_lora_peak": peaks["snell8"] / peaks["lora8"],
         "snell32_over_lora32_peak": peaks["snell32"] / peaks["lora32"],
@@ -205,6 +295,8 @@ def main() -> None:
         "fused_over_reference_peak": peaks["snell32"] / peaks["reference32"],
         "reference_over_lora_step": ratio("reference32", "lora8"),
         "step_s_median": {k: statistics.median(t[k] for t in rounds) for k in timed},
+        "phase_s_median": {k: {p: statistics.median(t[k][p] for t in phases)
+                               for p in ("forward", "backward", "optimizer")} for k in timed},
         "peak_bytes": peaks,
         "config": {"model": args.model, "batch": batch, "precision": precision, "device": str(device),
                    "threads": torch.get_num_threads() if device.type == "cpu" else None, "reps": args.reps,

@@ -431,21 +431,33 @@ def test_benchmark_quick_reports_consistent_ratios_and_peaks():
     assert result["config"] == {"model": "vit_base_patch16_224", "batch": 4, "precision": "fp32", "device": "cpu",
                                 "threads": 1, "reps": 1, "sparsity": 0.9, "quick": True}
     assert not any(key.startswith("merged_") for key in result)  # the bf16-only comparisons are absent in fp32
-    times, peaks = result["step_s_median"], result["peak_bytes"]
-    assert set(times) == {"lora8", "snell32", "reference32"}
-    assert set(peaks) == {"lora8", "snell8", "lora32", "snell32", "reference32"}
+    times, peaks, phases = result["step_s_median"], result["peak_bytes"], result["phase_s_median"]
+    timed = {"lora8", "plainlora8", "branchlora8", "snell32", "snell32dense", "reference32"}
+    assert set(times) == set(phases) == timed
+    assert set(peaks) == {"lora8", "plainlora8", "snell8", "lora32", "snell32", "reference32", "branchlora8",
+                          "snell32dense"}
     assert all(t > 0 for t in times.values())
+    # a step is its three phases, each timed separately (the clock readings are shared, so they add up)
+    for name in timed:
+        assert set(phases[name]) == {"forward", "backward", "optimizer"}
+        assert sum(phases[name].values()) == pytest.approx(times[name], rel=1e-9), name
     # one round: each step ratio is the ratio of the two reported step times, so the three ratios close a triangle
     for key, (num, den) in {"snell_over_lora_step": ("snell32", "lora8"),
                             "fused_speedup_vs_reference": ("reference32", "snell32"),
-                            "reference_over_lora_step": ("reference32", "lora8")}.items():
+                            "reference_over_lora_step": ("reference32", "lora8"),
+                            "survivor_over_dense_step": ("snell32", "snell32dense"),
+                            "lora_over_plain_lora_step": ("lora8", "plainlora8"),
+                            "lora_branch_over_plain_lora_step": ("branchlora8", "plainlora8")}.items():
         assert result[key] == pytest.approx(times[num] / times[den], rel=1e-12), key
     assert result["reference_over_lora_step"] == pytest.approx(
         result["snell_over_lora_step"] * result["fused_speedup_vs_reference"], rel=1e-12)
+    assert result["survivor_over_dense_backward"] == pytest.approx(
+        phases["snell32"]["backward"] / phases["snell32dense"]["backward"], rel=1e-12)
     for key, (num, den) in {"snell_over_lora_peak": ("snell8", "lora8"),
                             "snell32_over_lora32_peak": ("snell32", "lora32"),
                             "snell32_over_lora8_peak": ("snell32", "lora8"),
-                            "fused_over_reference_peak": ("snell32", "reference32")}.items():
+                            "fused_over_reference_peak": ("snell32", "reference32"),
+                            "lora_over_plain_lora_peak": ("lora8", "plainlora8")}.items():
         assert result[key] == peaks[num] / peaks[den], key
     # a training step's peak holds at least every parameter and buffer, the batch (4·3·32·32 fp32 images and 4
     # int64 labels), and per trainable tensor its gradient and AdamW's two moments: counted here from real models
@@ -453,9 +465,12 @@ def test_benchmark_quick_reports_consistent_ratios_and_peaks():
     batch_bytes = 4 * 3 * 32 * 32 * 4 + 4 * 8
     lora = dict(targets=SIX, dropout=0.0)
     variants = {"lora8": ("lora", dict(rank=8, alpha=8.0, **lora)),
+                "plainlora8": ("lora", dict(rank=8, alpha=8.0, **lora)),  # the same tensors, other modules
+                "branchlora8": ("lora", dict(rank=8, alpha=8.0, **lora)),
                 "lora32": ("lora", dict(rank=32, alpha=32.0, **lora)),
                 "snell8": ("snell", dict(rank=8, sparsity=0.9, mode="merged")),
                 "snell32": ("snell", dict(rank=32, sparsity=0.9, mode="merged")),
+                "snell32dense": ("snell", dict(rank=32, sparsity=0.9, mode="merged")),
                 "reference32": ("snell", dict(rank=32, sparsity=0.9, implementation="reference",
                                                adapter_dropout=0.0, adapter_drop_path=0.0))}
     for name, (method, options) in variants.items():

@@ -434,7 +434,7 @@ def _backward(x, weight, factors, grad_y, slices, cfg, taus, d_out, need_x, need
         wants = need_f[index * per:(index + 1) * per]
         fac = _Factors(tensors, cfg.kind, kdtype)
         W0 = None if weight is None or strategy == "split" else weight[spec.start:spec.stop]
-        survivors = transposed if uses_survivor_grad(cfg, spec, tau, G.dtype, kdtype) else None
+        survivors = transposed if uses_survivor_grad(cfg, spec, tau, G.dtype, kdtype, X) else None
         out = _slice_backward(fac, spec, tau, cfg, G[:, spec.start:spec.stop], X, W0, gx, W_lp, any(wants),
                               survivors)
         for j, (g, want) in enumerate(zip(out, wants)):
@@ -454,13 +454,16 @@ def _backward(x, weight, factors, grad_y, slices, cfg, taus, d_out, need_x, need
 
 
 def uses_survivor_grad(cfg: KernelConfig, spec: SliceSpec, tau, grad_dtype: torch.dtype,
-                       kernel_dtype: torch.dtype) -> bool:
+                       kernel_dtype: torch.dtype, operand: torch.Tensor | None = None) -> bool:
     """Whether backward forms this matrix's weight gradient at the survivors only (``KernelConfig.survivor_grad``).
 
     Only a sparsified matrix (τ set) has survivors; the plain kernel (SNELL at s = 0) and dense MixK
     (threshold ``none``) need the whole Gᵀ·X. bf16/fp16 gradients keep the dense product: torch's sampled product
-    runs in fp32/fp64 only, and the dense bf16 GEMM is already the fast one there."""
+    runs in fp32/fp64 only, and the dense bf16 GEMM is already the fast one there. Meta and fake ``operand``s (the
+    memory estimator's traced step) keep it too: the survivors' count is data the trace does not have."""
     if tau is None or cfg.survivor_grad == "never" or grad_dtype != kernel_dtype:
+        return False
+    if operand is not None and (operand.device.type == "meta" or type(operand).__name__ == "FakeTensor"):
         return False
     return cfg.survivor_grad == "always" or 1.0 - spec.sparsity <= SURVIVOR_MAX_DENSITY
 
