@@ -166,7 +166,8 @@ class DistConfig:
     reshard_after_forward: bool = True
     """fsdp2: free the all-gathered block weights after forward (re-gather in backward) to save memory."""
     frozen_dtype: Literal["fp32", "bf16"] = "fp32"
-    """Storage dtype of the frozen backbone weights (adapters always stay fp32)."""
+    """fsdp2, deepspeed: storage dtype of the frozen backbone weights under bf16 compute (adapters always stay
+    fp32); deepspeed stores only the Linear/Conv weights in bf16."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (non-reentrant checkpointing)."""
     # --- deepspeed

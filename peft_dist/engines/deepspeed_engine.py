@@ -25,8 +25,7 @@ from torch import nn
 from peft_dist.engines.engine import Engine
 from peft_dist.methods.base import Method
 
-def deepspeed_config(cfg, world_size: int, cuda: bool, trainable_elements: int | None = None,
-                     precision: str | None = None) -> dict[str, Any]:
+def deepspeed_config(cfg, world_size: int, cuda: bool, trainable_elements: int | None = None) -> dict[str, Any]:
     """The generated DeepSpeed config; ``dist.deepspeed_config`` (a JSON file) is merged over it.
 
     ZeRO's default communication buckets hold 5e8 elements (2 GB in fp32), allocated whatever the trainable size; with
@@ -43,8 +42,10 @@ def deepspeed_config(cfg, world_size: int, cuda: bool, trainable_elements: int |
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # a torch AdamW over the trainable parameters only
         "gradient_clipping": cfg.optim.grad_clip,
-        # precision: the engine's resolved one; without it (the memory estimator), auto counts as bf16 on CUDA
-        "bf16": {"enabled": bool(cuda and (precision or cfg.train.precision) != "fp32")},
+        # DeepSpeed's bf16 mode casts the whole module, adapters included (SNELL's kernel then comes from bf16
+        # factors, SNELLA's fp32 gradients meet bf16 parameters) and reduces gradients in bf16: the engine runs bf16
+        # as autocast over bf16 frozen weights instead, so DeepSpeed sees fp32 adapters, gradients and Adam state
+        "bf16": {"enabled": False},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -71,6 +72,19 @@ def _ensure_process_group() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def cast_frozen_matrices(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen weights of Linear and Conv layers in ``dtype`` (``dist.frozen_dtype=bf16``): they hold the
+    memory, and autocast casts them to ``dtype`` for each GEMM anyway, so a LoRA forward is unchanged. Everything
+    else stays fp32: position tables and tokens are added to the fp32 residual stream, and CPU autocast refuses a
+    bf16 LayerNorm scale on fp32 activations. Methods that read W0 themselves (SNELL's merged kernel) see it rounded
+    to bf16, as under FSDP2's ``frozen_dtype``."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            w = module.weight
+            if not w.requires_grad and w.is_floating_point():
+                w.data = w.data.to(dtype)
 
 
 def register_adapter_parameters(model: nn.Module) -> None:
@@ -107,10 +121,20 @@ class DeepSpeedEngine(Engine):
         self.group_fqns = self.param_group_fqns()  # before DeepSpeed replaces the groups' parameters by flat ones
         self.zero_stage = cfg.dist.zero_stage
         self.forward_needs_all_ranks = self.zero_stage == 3
-        self.autocast_dtype = None  # DeepSpeed's bf16 mode casts the model itself
         trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
-        ds_cfg = deepspeed_config(cfg, env.world_size, device.type == "cuda", trainable, self.precision)
-        self.bf16 = ds_cfg["bf16"]["enabled"]
+        ds_cfg = deepspeed_config(cfg, env.world_size, device.type == "cuda", trainable)
+        self.bf16 = bool(ds_cfg.get("bf16", {}).get("enabled"))
+        """DeepSpeed's own bf16 mode, only when a ``dist.deepspeed_config`` file asks for it (it casts the adapters
+        too); otherwise bf16 is autocast (``self.autocast_dtype``) over frozen weights stored in bf16."""
+        if self.bf16:
+            self.autocast_dtype = None
+        if cfg.dist.frozen_dtype == "bf16":
+            if self.autocast_dtype is None:
+                from peft_dist.config import ConfigError
+
+                raise ConfigError("dist.frozen_dtype=bf16 needs bf16 compute under autocast (train.precision bf16, "
+                                  "or auto on a GPU with bf16, and no bf16 section in dist.deepspeed_config)")
+            cast_frozen_matrices(self.module, self.autocast_dtype)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_cfg,
             dist_init_required=False)
@@ -137,7 +161,7 @@ class DeepSpeedEngine(Engine):
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, sync: bool = True) -> torch.Tensor:
         images = images.to(self.device, torch.bfloat16 if self.bf16 else torch.float32)
         labels = labels.to(self.device)
-        with self.phase("forward"):
+        with self.phase("forward"), self.autocast():
             logits = self.model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing)
         with self.phase("backward"):
@@ -167,7 +191,8 @@ class DeepSpeedEngine(Engine):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         dtype = torch.bfloat16 if self.bf16 else torch.float32
-        return self.model(images.to(self.device, dtype)).float()
+        with self.autocast():
+            return self.model(images.to(self.device, dtype)).float()
 
     # ------------------------------------------------------------------ state
     def state_dict(self, adapters_only: bool = True) -> dict[str, torch.Tensor]:

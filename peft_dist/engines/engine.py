@@ -73,13 +73,14 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
-    def grad_norm(self) -> float | None:
-        """The global L2 norm of the trainable gradients (all ranks' shards; collective under FSDP2)."""
+    def grad_norm(self) -> torch.Tensor | None:
+        """The global L2 norm of the trainable gradients, on the device (all ranks' shards: a collective under
+        FSDP2); None where the engine cannot read its gradients before its step."""
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
-            return 0.0
+            return torch.zeros((), device=self.device)
         norm = torch.nn.utils.get_total_norm(grads)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def skip_step(self) -> None:
         """Drop this step's gradients; the schedule still advances, so later steps keep their planned lr."""

@@ -157,7 +157,7 @@ class Trainer:
                 "precision": self.engine.precision}
         self.skipped: set[int] = set()
         self.images_seen = 0
-        self.nonfinite_skipped = 0
+        self.nonfinite_skipped = self.nonfinite_in_row = 0
         self.start_step = 0
         self.eval_history: list[dict[str, float]] = []
         self.save_interval_s = 60.0 * cfg.train.checkpoint_interval_minutes()
@@ -248,7 +248,7 @@ class Trainer:
                         metrics_file.flush()
                     self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step + 1)
                     window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
-                preempted, save_due = self.step_end_flags()
+                preempted, save_due = self.step_flags  # agreed with the step's non-finite check
                 # the last step is saved whenever checkpoints are periodic: a kill during the final evaluation
                 # then resumes at the end and only evaluates again
                 periodic = cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0
@@ -334,20 +334,25 @@ class Trainer:
             self.tracker.log_artifacts(self.method.write_artifacts(self.model, self.out_dir), "method")
 
     def train_step(self, step: int, batches: Iterator) -> tuple[float, float, int]:
-        """One optimizer step over grad_accum micro-batches; returns (mean loss, lr, images on this rank)."""
+        """One optimizer step over grad_accum micro-batches; returns (mean loss, lr, images on this rank). The loss
+        stays on the device until the step's one host synchronisation (:meth:`agree_after_backward`)."""
         self.engine.train_mode(True)
         accum = self.cfg.train.grad_accum
-        loss_sum, images = 0.0, 0
+        loss_sum, images = torch.zeros((), device=self.device), 0
         for micro in range(accum):
             x, y, skipped = next(batches)
             self.skipped.update(skipped)
-            loss = self.engine.forward_backward(x, y, sync=micro == accum - 1)
-            loss_sum += float(loss)
+            loss_sum += self.engine.forward_backward(x, y, sync=micro == accum - 1).float()
             images += y.shape[0]
-        if not self.may_apply(step, loss_sum / accum, self.engine.grad_norm()):
+        loss = loss_sum / accum
+        grad_norm = self.engine.grad_norm()
+        bad = self.agree_after_backward(loss, grad_norm)
+        loss_value = float(loss)
+        self.images_seen += images
+        if bad and not self.may_apply(step, loss_value, None if grad_norm is None else float(grad_norm), bad):
             self.engine.skip_step()
-            self.images_seen += images
-            return loss_sum / accum, self.engine.optimizer.param_groups[0]["lr"], images
+            return loss_value, self.engine.optimizer.param_groups[0]["lr"], images
+        self.nonfinite_in_row = 0
         first = step == self.start_step  # a resumed run measures its state like a fresh one
         if first:
             self.profiler.capture_state(self.engine.module, self.engine.optimizer)
@@ -355,32 +360,41 @@ class Trainer:
             lr = self.engine.step(step)
         if first:  # a fresh optimizer's state exists only after its first step
             self.profiler.capture_state(self.engine.module, self.engine.optimizer)
-        self.images_seen += images
-        return loss_sum / accum, lr, images
+        return loss_value, lr, images
 
-    def may_apply(self, step: int, loss: float, grad_norm: float | None) -> bool:
-        """Whether this step's gradients may be applied: every rank agrees (one scalar). A non-finite loss or
-        gradient norm stops the run before the optimizer sees it, or, with ``train.on_nonfinite=skip``, drops the
-        step (at most ``max_nonfinite_skips`` in a row)."""
-        finite = np.isfinite(loss) and (grad_norm is None or np.isfinite(grad_norm))
-        bad, = all_reduce_sum([0.0 if finite else 1.0], self.device)
-        if not bad:
-            self.nonfinite_in_row = 0
-            return True
+    def agree_after_backward(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> int:
+        """The step's one all-reduce, and its only host synchronisation: how many ranks saw a non-finite loss or
+        gradient norm, whether any rank was signalled, and whether rank 0's clock says a timed checkpoint is due
+        (kept in ``self.step_flags`` for the end of the step). Returns the non-finite count."""
+        finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        due = self.env.is_main and self.save_interval_s > 0 and \
+            time.monotonic() - self.last_save_time >= self.save_interval_s
+        flags = torch.stack([(~finite).to(torch.float32),
+                             torch.tensor(float(self.preemption.requested), device=self.device),
+                             torch.tensor(float(due), device=self.device)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags)
+        bad, preempted, save_due = flags.tolist()
+        self.step_flags = (preempted > 0, save_due > 0)
+        return int(bad)
+
+    def may_apply(self, step: int, loss: float, grad_norm: float | None, bad: int) -> bool:
+        """After ``bad`` ranks saw a non-finite loss or gradient norm: stop the run before the optimizer applies it,
+        or, with ``train.on_nonfinite=skip``, drop the step (at most ``max_nonfinite_skips`` in a row)."""
         t = self.cfg.train
-        self.nonfinite_in_row = getattr(self, "nonfinite_in_row", 0) + 1
+        self.nonfinite_in_row += 1
         what = f"the loss is {loss}" if not np.isfinite(loss) else f"the gradient norm is {grad_norm}"
         if t.on_nonfinite == "skip" and self.nonfinite_in_row <= t.max_nonfinite_skips:
             self.nonfinite_skipped += 1
             if self.env.is_main:
-                print(f"warning: step {step + 1} skipped: {what} on rank {self.env.rank} (non-finite on {int(bad)} "
+                print(f"warning: step {step + 1} skipped: {what} on rank {self.env.rank} (non-finite on {bad} "
                       f"rank(s); {self.nonfinite_in_row} in a row)", file=sys.stderr, flush=True)
             return False
         checkpoints = list_checkpoints(self.out_dir)
         last = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written"
         row = f" after {self.nonfinite_in_row - 1} skipped step(s) in a row" if t.on_nonfinite == "skip" else ""
         raise Diverged(f"training diverged at step {step + 1}{row}: {what} on rank {self.env.rank} (non-finite on "
-                       f"{int(bad)} rank(s)); nothing of this step was applied; {last}; lower optim.lr or set "
+                       f"{bad} rank(s)); nothing of this step was applied; {last}; lower optim.lr or set "
                        "optim.grad_clip")
 
     @torch.no_grad()
