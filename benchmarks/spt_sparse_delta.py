@@ -1,21 +1,24 @@
-"""SPT unstructured tuning: our sparse-delta Linear vs the official approach, side by side in one run.
+"""SPT unstructured tuning: our sparse-delta Linear vs today's earlier path and the official approach, in one run.
 
 Official approach (spec ``spt_arc_hta.md`` §1.5, re-implemented here from its description): clone W0 and
 scatter-add δ at every forward, save that clone and the gathered input columns X[..., cols] (B·N·K numbers), and in
-backward take the diagonal of the K×K product G[:, rows]ᵀ·X[:, cols]. Ours
-(:mod:`peft_dist.methods.functional.sparse_delta`): save only X, rebuild W0 + scatter(δ) transiently, form the dense
-weight gradient Gᵀ·X once and gather it.
+backward take the diagonal of the K×K product G[:, rows]ᵀ·X[:, cols]. The earlier path of peft-dist ("today's"
+before issue 20, re-implemented here): save the whole input X (B·N·d_in), form the dense Gᵀ·X and gather it. Ours
+(:mod:`peft_dist.methods.functional.sparse_delta`): save X only at the C distinct columns the K entries touch
+(B·N·C, C ≤ min(K, d_in)), or X itself where that is not smaller, and form Gᵀ·X on those columns.
 
-For each ViT-B shape (a q/k/v/proj 768×768 slice and fc1 3072×768) with K selected entries per matrix, the two
-implementations alternate (interleaved repetitions) over the same input; we report the median forward+backward step
-time and the bytes autograd saves for backward (``saved_tensors_hooks``; parameters and index buffers excluded
-because they exist either way). Both must give the same gradients (checked).
+For the ViT-B shapes (a q/k/v/proj 768×768 slice, fc1 3072×768, fc2 768×3072), K ∈ {300, 800, 3000} entries per
+matrix and batch 8 and 64 (197 tokens per image), we report the bytes autograd saves for backward
+(``saved_tensors_hooks``; parameters and index buffers excluded because they exist either way) and, at the timed
+batch (8), the median forward+backward time of the three, interleaved over the same input. All three must give the
+same gradients (checked). Batch 64 is measured for bytes only (one forward each: timing it would take minutes).
 
-    python benchmarks/spt_sparse_delta.py            # ViT-B shapes, batch 8 (1,576 tokens), K = 5,000
+    python benchmarks/spt_sparse_delta.py            # the grid above
     python benchmarks/spt_sparse_delta.py --quick    # small shapes, a smoke test
 
-The last line printed is one JSON object with ``saved_bytes_ratio_vs_official`` and ``step_speedup_vs_official``
-(official / ours, over all shapes; > 1 means ours is better).
+The last line printed is one JSON object: ``saved_bytes_vs_official_k{K}_b{B}`` and ``saved_bytes_vs_today_k{K}_b{B}``
+(ours over theirs, the largest over the shapes: at most 1 means never above either), ``saved_bytes_ratio_vs_official``
+and ``step_speedup_vs_official`` (official / ours, summed over the shapes at the timed batch; > 1: ours is better).
 """
 from __future__ import annotations
 
@@ -65,84 +68,123 @@ def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+class WholeInputSparseLinear(torch.autograd.Function):
+    """peft-dist's path before issue 20: save the whole input, dense Gᵀ·X in backward, gathered at the entries."""
+
+    @staticmethod
+    def forward(ctx, x, weight, delta, index):
+        ctx.save_for_backward(x, weight, delta, index)
+        effective = weight.reshape(-1).index_add(0, index, delta).view(weight.shape)
+        return x.matmul(effective.t())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, delta, index = ctx.saved_tensors
+        effective = weight.reshape(-1).index_add(0, index, delta).view(weight.shape)
+        dense = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+        return grad_out.matmul(effective), None, dense.reshape(-1).index_select(0, index), None
+
+
+IMPLEMENTATIONS = ("ours", "today", "official")
+
+
 def run_shape(d_out: int, d_in: int, tokens: tuple[int, int], k: int, reps: int, device: torch.device,
               seed: int = 0) -> dict:
+    """Saved bytes of the three implementations; with ``reps`` > 0 also their interleaved step times."""
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(d_out, d_in, generator=g).div_(d_in ** 0.5).to(device)
     flat = torch.randperm(d_out * d_in, generator=g)[:k].sort().values
     rows, cols = (flat // d_in).to(device), (flat % d_in).to(device)
-    index = flat.to(torch.int32).to(device)
+    index = flat.to(torch.int32).to(device)  # SPT's index buffers are int32
+    index64 = flat.to(device)
     x = torch.randn(*tokens, d_in, generator=g).to(device).requires_grad_(True)
     grad_out = torch.randn(*tokens, d_out, generator=g).to(device)
-    delta_ours = (torch.randn(k, generator=g) * 1e-2).to(device).requires_grad_(True)
-    delta_official = delta_ours.detach().clone().requires_grad_(True)
+    start = (torch.randn(k, generator=g) * 1e-2).to(device)
+    deltas = {name: start.clone().requires_grad_(True) for name in IMPLEMENTATIONS}
+    calls = {
+        "ours": lambda: sparse_delta_linear(x, weight, deltas["ours"], index),
+        "today": lambda: WholeInputSparseLinear.apply(x, weight, deltas["today"], index64),
+        "official": lambda: OfficialStyleSparseLinear.apply(x, weight, deltas["official"], rows, cols),
+    }
 
-    def ours():
-        return sparse_delta_linear(x, weight, delta_ours, index)
-
-    def official():
-        return OfficialStyleSparseLinear.apply(x, weight, delta_official, rows, cols)
-
-    def step(fn, delta):
+    def step(name):
         x.grad = None
-        delta.grad = None
+        deltas[name].grad = None
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn().backward(grad_out)
+        began = time.perf_counter()
+        calls[name]().backward(grad_out)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - began
 
-    # Same maths: both must give the same gradients before any timing counts.
-    step(ours, delta_ours)
-    gx_ours, gd_ours = x.grad.clone(), delta_ours.grad.clone()
-    step(official, delta_official)
-    torch.testing.assert_close(x.grad, gx_ours, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(delta_official.grad, gd_ours, rtol=1e-4, atol=1e-3)
-
-    times = {"ours": [], "official": []}
-    for _ in range(reps):  # interleaved so drift on a shared machine hits both alike
-        times["ours"].append(step(ours, delta_ours))
-        times["official"].append(step(official, delta_official))
-    params = [weight, delta_ours, delta_official, index, rows, cols]
-    bytes_ours = saved_bytes(ours, params)
-    bytes_official = saved_bytes(official, params)
-    t_ours, t_official = statistics.median(times["ours"]), statistics.median(times["official"])
-    return {"shape": [d_out, d_in], "tokens": list(tokens), "k": k,
-            "saved_bytes_ours": bytes_ours, "saved_bytes_official": bytes_official,
-            "saved_bytes_ratio": bytes_official / bytes_ours,
-            "step_s_ours": t_ours, "step_s_official": t_official, "step_speedup": t_official / t_ours}
+    params = [weight, index, index64, rows, cols, *deltas.values()]
+    result = {"shape": [d_out, d_in], "tokens": list(tokens), "k": k,
+              "touched_columns": int(torch.unique(cols).numel())}
+    for name in IMPLEMENTATIONS:
+        result[f"saved_bytes_{name}"] = saved_bytes(calls[name], params)
+    result["saved_bytes_ratio"] = result["saved_bytes_official"] / result["saved_bytes_ours"]
+    if reps <= 0:
+        return result
+    # Same maths: all three must give the same gradients before any timing counts.
+    grads = {}
+    for name in IMPLEMENTATIONS:
+        step(name)
+        grads[name] = (x.grad.clone(), deltas[name].grad.clone())
+    for name in ("today", "official"):
+        torch.testing.assert_close(grads[name][0], grads["ours"][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grads[name][1], grads["ours"][1], rtol=1e-4, atol=1e-3)
+    times = {name: [] for name in IMPLEMENTATIONS}
+    for _ in range(reps):  # interleaved so drift on a shared machine hits all alike
+        for name in IMPLEMENTATIONS:
+            times[name].append(step(name))
+    for name in IMPLEMENTATIONS:
+        result[f"step_s_{name}"] = statistics.median(times[name])
+    result["step_speedup"] = result["step_s_official"] / result["step_s_ours"]
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and 2 repetitions (smoke test)")
-    parser.add_argument("--batch", type=int, default=8, help="images per step (197 tokens each, ViT-B/16)")
-    parser.add_argument("--k", type=int, default=5000, help="selected entries per matrix")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.quick:
-        shapes, tokens, k, reps = [(96, 96), (384, 96)], (2, 50), 400, 2
+        shapes, ks, batches, tokens_per_image, timed_batch, reps = \
+            [(96, 96), (384, 96), (96, 384)], (30, 400), (2, 4), 50, 2, 2
     else:
-        shapes, tokens, k, reps = [(768, 768), (3072, 768)], (args.batch, 197), args.k, args.reps
+        shapes, ks, batches, tokens_per_image, timed_batch, reps = \
+            [(768, 768), (3072, 768), (768, 3072)], (300, 800, 3000), (8, 64), 197, 8, args.reps
     results = []
-    for d_out, d_in in shapes:
-        r = run_shape(d_out, d_in, tokens, k, reps, device)
-        results.append(r)
-        print(f"{d_out}x{d_in}, {tokens[0]}x{tokens[1]} tokens, K={k}: saved {r['saved_bytes_ours'] / 2**20:.2f} MiB "
-              f"(ours) vs {r['saved_bytes_official'] / 2**20:.2f} MiB (official) = {r['saved_bytes_ratio']:.1f}x less; "
-              f"step {1e3 * r['step_s_ours']:.1f} ms vs {1e3 * r['step_s_official']:.1f} ms = "
-              f"{r['step_speedup']:.1f}x faster")
-    summary = {
-        "saved_bytes_ratio_vs_official": sum(r["saved_bytes_official"] for r in results)
-        / sum(r["saved_bytes_ours"] for r in results),
-        "step_speedup_vs_official": sum(r["step_s_official"] for r in results) / sum(r["step_s_ours"] for r in results),
-        "k_per_matrix": k, "tokens": list(tokens), "device": str(device), "threads": torch.get_num_threads(),
+    summary: dict = {}
+    for batch in batches:
+        for k in ks:
+            worst = {"official": 0.0, "today": 0.0}
+            for d_out, d_in in shapes:
+                r = run_shape(d_out, d_in, (batch, tokens_per_image), k, reps if batch == timed_batch else 0, device)
+                results.append(r)
+                for other in worst:
+                    worst[other] = max(worst[other], r["saved_bytes_ours"] / r[f"saved_bytes_{other}"])
+                timing = "" if "step_s_ours" not in r else \
+                    (f"; step {1e3 * r['step_s_ours']:.1f} / {1e3 * r['step_s_today']:.1f} / "
+                     f"{1e3 * r['step_s_official']:.1f} ms")
+                print(f"{d_out}x{d_in}, batch {batch}, K={k} ({r['touched_columns']} columns): saved "
+                      f"{r['saved_bytes_ours'] / 2**20:.2f} MiB (ours) / {r['saved_bytes_today'] / 2**20:.2f} "
+                      f"(today's) / {r['saved_bytes_official'] / 2**20:.2f} (official){timing}", flush=True)
+            summary[f"saved_bytes_vs_official_k{k}_b{batch}"] = worst["official"]
+            summary[f"saved_bytes_vs_today_k{k}_b{batch}"] = worst["today"]
+    timed = [r for r in results if "step_s_ours" in r]
+    summary.update({
+        "saved_bytes_ratio_vs_official": sum(r["saved_bytes_official"] for r in timed)
+        / sum(r["saved_bytes_ours"] for r in timed),
+        "step_speedup_vs_official": sum(r["step_s_official"] for r in timed) / sum(r["step_s_ours"] for r in timed),
+        "step_speedup_vs_today": sum(r["step_s_today"] for r in timed) / sum(r["step_s_ours"] for r in timed),
+        "k_per_matrix": list(ks), "batches": list(batches), "timed_batch": timed_batch,
+        "tokens_per_image": tokens_per_image, "device": str(device), "threads": torch.get_num_threads(),
         "quick": args.quick, "shapes": results,
-    }
+    })
     print(json.dumps(summary))
     return summary
 
