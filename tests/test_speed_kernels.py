@@ -88,9 +88,9 @@ def test_survivor_gradient_is_zero_off_the_survivors_and_sampled_on_them():
     m = torch.rand(6, 9, generator=g, dtype=F64)
     m[m < 0.8] = 0.0
     out = torch.full((6, 9), float("nan"), dtype=F64)  # every entry must be written
-    kz.survivor_weight_grad(GT, XT, m, out)
+    kz.survivor_weight_grad(GT.t(), XT.t(), m, out)
     torch.testing.assert_close(out, (GT @ XT.t()) * m, rtol=0, atol=1e-12)
-    kz.survivor_weight_grad(GT, XT, torch.zeros_like(m), out)  # nothing survives
+    kz.survivor_weight_grad(GT.t(), XT.t(), torch.zeros_like(m), out)  # nothing survives
     assert torch.count_nonzero(out) == 0
 
 

@@ -60,7 +60,8 @@ sparsity of at least 0.85), and the dense Gᵀ·X above it. Measured on one CPU 
 (``benchmarks/snell_step.py``): torch's sampled product beats the dense GEMM by 1.3-3x at 10 % density and loses
 from about 20 % on."""
 _SURVIVOR_TOKEN_CHUNK = 256
-"""Tokens per sampled-product call: the chunks of Gᵀ and Xᵀ stay in the L2 cache while every survivor reads them."""
+"""Tokens per sampled-product call: the chunks of G and X stay in the L2 cache while every survivor reads them, and
+bound the contiguous copies the call makes of them."""
 
 _SAMPLE_SIZE = 8192
 """Entries sampled to bracket the k-th magnitude; the selection is exact whatever the sample (it only sets speed)."""
@@ -426,7 +427,6 @@ def _backward(x, weight, factors, grad_y, slices, cfg, taus, d_out, need_x, need
                 for r0, r1 in _uncovered_rows(slices, d_out):
                     gx.add(G[:, r0:r1], weight[r0:r1].to(X.dtype))
     gw = (G.t().to(kdtype) @ X.to(kdtype)).to(weight.dtype) if need_w else None
-    transposed = _TransposedOperands(G, X)
     groups = _split_factors(factors, cfg.kind, len(slices))
     gfactors: list[torch.Tensor | None] = [None] * len(factors)
     per = factor_count(cfg.kind)
@@ -434,7 +434,7 @@ def _backward(x, weight, factors, grad_y, slices, cfg, taus, d_out, need_x, need
         wants = need_f[index * per:(index + 1) * per]
         fac = _Factors(tensors, cfg.kind, kdtype)
         W0 = None if weight is None or strategy == "split" else weight[spec.start:spec.stop]
-        survivors = transposed if uses_survivor_grad(cfg, spec, tau, G.dtype, kdtype, X) else None
+        survivors = uses_survivor_grad(cfg, spec, tau, G.dtype, kdtype, X)
         out = _slice_backward(fac, spec, tau, cfg, G[:, spec.start:spec.stop], X, W0, gx, W_lp, any(wants),
                               survivors)
         for j, (g, want) in enumerate(zip(out, wants)):
@@ -468,39 +468,17 @@ def uses_survivor_grad(cfg: KernelConfig, spec: SliceSpec, tau, grad_dtype: torc
     return cfg.survivor_grad == "always" or 1.0 - spec.sparsity <= SURVIVOR_MAX_DENSITY
 
 
-class _TransposedOperands:
-    """Gᵀ (d_out × T) and Xᵀ (d_in × T), contiguous, made once per backward call on first use and shared by the
-    slices (q, k, v read the same X): in this layout every survivor's dot product over tokens reads two contiguous
-    runs. Each is the size of an operand the backward holds anyway (grad_y, the saved input)."""
-
-    def __init__(self, G: torch.Tensor, X: torch.Tensor):
-        self._G, self._X = G, X
-        self._GT: torch.Tensor | None = None
-        self._XT: torch.Tensor | None = None
-
-    @property
-    def GT(self) -> torch.Tensor:
-        if self._GT is None:
-            self._GT = self._G.t().contiguous()
-        return self._GT
-
-    @property
-    def XT(self) -> torch.Tensor:
-        if self._XT is None:
-            self._XT = self._X.t().contiguous()
-        return self._XT
-
-
-def survivor_weight_grad(GT_rows: torch.Tensor, XT: torch.Tensor, magnitude: torch.Tensor,
+def survivor_weight_grad(G_rows: torch.Tensor, X: torch.Tensor, magnitude: torch.Tensor,
                          out: torch.Tensor) -> torch.Tensor:
     """``G_K = (G_Yᵀ·X) ⊙ m`` of one row block into ``out``, formed only where ``m ≠ 0`` (zero elsewhere).
 
     Exact, not an approximation: m is the detached magnitude factor of §3.1, zero on every pruned entry (``code``:
     |K|·1[|K| > τ]; ``paper``: max(|K| − τ, 0), zero exactly where |K| ≤ τ), so ∂L/∂K vanishes there whatever
     G_Yᵀ·X holds. The survivors' entries are a sampled dense–dense product (``torch.sparse.sampled_addmm`` on the
-    CSR pattern of m), accumulated over token chunks. ``GT_rows`` is Gᵀ of the block's rows (n × T), ``XT`` is Xᵀ
-    (d_in × T). Transients: the survivors' positions, columns and values, a fraction of the block at the densities
-    this path runs at, so the row block still bounds the memory."""
+    CSR pattern of m), accumulated over token chunks. ``G_rows`` is G_Y's columns of the block (T × n), ``X`` the
+    input (T × d_in). Transients: per token chunk the contiguous copies the sampled product makes of its operands
+    ((n + d_in) × chunk), and the survivors' positions, columns and values, a fraction of the block at the
+    densities this path runs at: the row block still bounds the memory."""
     n, d_in = magnitude.shape
     flat = magnitude.reshape(-1)
     positions = flat.nonzero().squeeze(1)
@@ -515,10 +493,10 @@ def survivor_weight_grad(GT_rows: torch.Tensor, XT: torch.Tensor, magnitude: tor
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta": said once, not actionable
         sampled = torch.sparse_csr_tensor(crow, cols, torch.zeros_like(kept), (n, d_in))
-        tokens = GT_rows.shape[1]
+        tokens = G_rows.shape[0]
         for t0 in range(0, tokens, _SURVIVOR_TOKEN_CHUNK):
             t1 = min(tokens, t0 + _SURVIVOR_TOKEN_CHUNK)
-            sampled = torch.sparse.sampled_addmm(sampled, GT_rows[:, t0:t1], XT[:, t0:t1].t())
+            sampled = torch.sparse.sampled_addmm(sampled, G_rows[t0:t1].t(), X[t0:t1])
     out.view(-1).index_copy_(0, positions, sampled.values().mul_(kept))
     return out
 
@@ -538,11 +516,11 @@ class _InputGrad:
 
 
 def _slice_backward(fac: _Factors, spec: SliceSpec, tau, cfg: KernelConfig, G, X, W0, gx, W_lp, want_factors,
-                    survivors: _TransposedOperands | None = None):
+                    survivors: bool = False):
     """Gradients of one matrix, row block by row block: adds ``G·W_slice`` into ``gx`` (or writes ``W_slice`` into
     ``W_lp``) and returns the factor gradients [∂A, ∂B (, ∂α, ∂γ, ∂β)] (spec §7.3 A.4). Four block buffers: the
-    kernel (reused for W and then G_S), the magnitude factor (reused for R) and the two distances. ``survivors``
-    given: G_S ⊙ m is formed at the survivors only (:func:`survivor_weight_grad`), else as the dense G_Yᵀ·X."""
+    kernel (reused for W and then G_S), the magnitude factor (reused for R) and the two distances. ``survivors``:
+    G_S ⊙ m is formed at the survivors only (:func:`survivor_weight_grad`), else as the dense G_Yᵀ·X."""
     rows, d_in = spec.stop - spec.start, fac.d_in
     per_block = _rows_per_block(fac.kind, rows, d_in, cfg.chunk_entries)
     kdtype = fac.A.dtype
@@ -574,9 +552,9 @@ def _slice_backward(fac: _Factors, spec: SliceSpec, tau, cfg: KernelConfig, G, X
                 W_lp[spec.start + r0:spec.start + r1].copy_(W_block)
         if not want_factors:
             continue
-        if survivors is not None:
+        if survivors:
             # G_K' = G_S ⊙ m at the survivors only: the dense product's other entries would be multiplied by 0
-            GK = survivor_weight_grad(survivors.GT[spec.start + r0:spec.start + r1], survivors.XT, M, K_eff)
+            GK = survivor_weight_grad(G[:, r0:r1], X, M, K_eff)
         else:
             # G_S = G_Yᵀ·X on rows r0:r1: the dense weight gradient
             if G.dtype == kdtype:
