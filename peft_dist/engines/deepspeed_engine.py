@@ -116,6 +116,10 @@ class DeepSpeedEngine(Engine):
 
             raise ConfigError("train.on_nonfinite=skip is not available with dist.engine=deepspeed (DeepSpeed "
                               "applies the step itself); use train.on_nonfinite=stop")
+        # DeepSpeed reads its device from LOCAL_RANK, which srun (and a plain one-process run) does not set: give it
+        # the device this process already picked, so both agree
+        os.environ["LOCAL_RANK"] = str(device.index if device.type == "cuda" and device.index is not None
+                                       else env.local_rank)
         _ensure_process_group()
         super().__init__(model, method, cfg, env, device, total_steps, warmup_steps)
         self.group_fqns = self.param_group_fqns()  # before DeepSpeed replaces the groups' parameters by flat ones
