@@ -21,6 +21,12 @@ from peft_dist.config import RunConfig
 from peft_dist.models.backbone import CheckpointError
 
 ADAM_STATE_BYTES_PER_ELEMENT = 8  # exp_avg + exp_avg_sq in fp32
+ZERO_MASTER_BYTES_PER_ELEMENT = 4
+"""ZeRO keeps an fp32 master partition of the trainable parameters beside the moments (stage 1/2:
+``single_partition_of_fp32_groups``, stage 3: ``fp32_partitioned_groups_flat``), whatever the model's dtype."""
+ZERO3_PERSISTENCE_THRESHOLD = 100_000
+"""DeepSpeed's ``stage3_param_persistence_threshold`` default: a parameter of at most this many elements stays whole
+on every rank (beside its partition), partition_parameters.py."""
 
 
 def _fake_world(world_size: int) -> None:
@@ -97,22 +103,26 @@ def _local_elements(p: torch.Tensor, rank: int) -> int:
 
 def rank_bytes(model: torch.nn.Module, engine: str, zero_stage: int, world_size: int, rank: int) -> dict[str, int]:
     """Static bytes of one rank, counted from the (sharded) parameters' placements; ZeRO's flat partitions are
-    ceil(total / world) per rank."""
+    ceil(total / world) per rank: moments and the fp32 master partition (stage >= 1), fp32 gradients (stage >= 2),
+    every parameter's partition plus the whole of each persistent (small) one (stage 3), as the memory estimator
+    models them."""
     frozen = trainable = trainable_elems = 0
+    zero3 = engine == "deepspeed" and zero_stage == 3
     for p in model.parameters():
-        n = _local_elements(p, rank)
+        local = n = _local_elements(p, rank)
+        if zero3:
+            n = math.ceil(local / world_size) + (local if local <= ZERO3_PERSISTENCE_THRESHOLD else 0)
         if p.requires_grad:
             trainable += n * p.element_size()
-            trainable_elems += n
+            trainable_elems += local
         else:
             frozen += n * p.element_size()
     grads, optim = trainable, ADAM_STATE_BYTES_PER_ELEMENT * trainable_elems
     if engine == "deepspeed":  # ZeRO partitions optimizer state (1+), gradients (2+), parameters (3)
-        optim = ADAM_STATE_BYTES_PER_ELEMENT * math.ceil(trainable_elems / world_size)
+        part = math.ceil(trainable_elems / world_size)
+        optim = (ADAM_STATE_BYTES_PER_ELEMENT + ZERO_MASTER_BYTES_PER_ELEMENT) * part
         if zero_stage >= 2:
-            grads = math.ceil(grads / world_size)
-        if zero_stage == 3:
-            frozen = math.ceil(frozen / world_size)
+            grads = 4 * part
     return {"params_frozen": frozen, "params_trainable": trainable, "grads": grads, "optimizer_state": optim,
             "total_static": frozen + trainable + grads + optim}
 

@@ -321,6 +321,9 @@ class MemoryConfig:
     """CUDA only: write the allocator state to ``memory_snapshots/`` when an allocation fails."""
     snapshot_max_entries: int = 100_000
     """Allocation events kept by the history recorder (``snapshot_steps``)."""
+    cpu_tracking: bool = True
+    """CPU runs: measure the phase peaks and activations from live tensor storage (a dispatch-mode tracker; its
+    bookkeeping time is written in the report's notes). false: only the process's peak RSS."""
 
     def validate(self) -> None:
         _check_range("memory.snapshot_steps", self.snapshot_steps, low=0)

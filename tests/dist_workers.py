@@ -190,3 +190,19 @@ def crash_once_at_start_up(rank: int, world: int, port: int, flag_file: str):
         Path(flag_file).touch()
         os.kill(os.getpid(), signal.SIGABRT)
     torch.nn.Linear(2, 2)(torch.ones(1, 2))
+
+
+def measured_memory_runs(rank: int, world: int, port: int, runs: list[list[str]]):
+    """Train each config (a list of overrides with its own ``train.out_dir``) in one process group, the trainer
+    building its own loaders; the memory profiler's per-rank reports land in each run's ``memory.json``."""
+    from launcher.env import read_dist_env
+    from peft_dist.config import load_config
+    from peft_dist.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
+    try:
+        for overrides in runs:
+            Trainer(load_config(None, overrides), read_dist_env(), torch.device("cpu")).fit()
+    finally:
+        dist.destroy_process_group()

@@ -39,14 +39,23 @@ def test_per_rank_bytes_follow_the_sharding(engine, stage, frozen_divisor):
     report = dry_run(cfg, 32)
     b = report["per_rank_bytes"]
     # FSDP2 shards dim 0: rank 0 also holds tensors whose dim 0 is 1 (pos_embed, cls_token) whole, ~1.6 % extra
-    assert abs(b["params_frozen"] - VIT_H_FROZEN * 4 / frozen_divisor) < 0.02 * VIT_H_FROZEN * 4 / frozen_divisor
+    expected = VIT_H_FROZEN * 4 / frozen_divisor
+    if engine == "deepspeed" and stage == 3:
+        # ZeRO-3 keeps every parameter of <= 1e5 elements (biases, norms: 2.2 MB of ViT-H) whole on each rank
+        # beside its partition (stage3_param_persistence_threshold)
+        with torch.device("meta"):
+            plain = create_backbone(cfg.model.name, cfg.model.num_classes, **cfg.model.kwargs)
+        head = {id(p) for p in plain.get_classifier().parameters()}
+        expected += 4 * sum(p.numel() for p in plain.parameters() if p.numel() <= 100_000 and id(p) not in head)
+    assert abs(b["params_frozen"] - expected) < 0.02 * expected
     trainable = report["trainable_params"]
     optimizer = [r["optimizer_state"] for r in report["ranks"]]
     if engine == "deepspeed":
         # ZeRO splits one flat buffer of every trainable element evenly: all ranks alike, each element's two fp32
-        # moments held once, less than one element of padding per rank (real partitions: the test below)
+        # moments and its fp32 master copy held once, less than one element of padding per rank (real partitions:
+        # the test below)
         assert len(set(optimizer)) == 1
-        assert 8 * trainable <= sum(optimizer) < 8 * (trainable + 32)
+        assert 12 * trainable <= sum(optimizer) < 12 * (trainable + 32)
     elif engine == "fsdp2":
         # Adam state follows the trainable shards: 8 bytes per local fp32 element, each element on one rank
         assert b["optimizer_state"] == 2 * b["params_trainable"]
@@ -114,7 +123,8 @@ TINY_LORA = ["model.name=vit_tiny_patch16_224", "model.num_classes=5",
 
 def real_zero2_partitions(rank: int, world: int, port: int, result_file: str) -> None:
     """A spawned rank: one real DeepSpeed ZeRO-2 step of the tiny LoRA run on gloo; records this rank's gradient
-    partition (after backward) and Adam moments (after the step), counted from DeepSpeed's own tensors."""
+    partition (after backward), Adam moments and fp32 master partition (after the step), counted from DeepSpeed's own
+    tensors."""
     import json
 
     import torch.distributed as dist
@@ -137,6 +147,7 @@ def real_zero2_partitions(rank: int, world: int, port: int, result_file: str) ->
         engine.step(0)
         moments = sum(v.numel() * v.element_size() for st in zero.optimizer.state.values()
                       for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
+        moments += sum(t.numel() * t.element_size() for t in zero.single_partition_of_fp32_groups)  # the master
     finally:
         dist.destroy_process_group()
     with open(f"{result_file}.rank{rank}", "w") as f:
@@ -159,4 +170,4 @@ def test_deepspeed_rank_bytes_match_a_real_zero2_run(tmp_path):
     padding = 16  # elements
     for dry, measured in zip(report["ranks"], real):
         assert 0 <= measured["grads"] - dry["grads"] <= 4 * padding, (dry, measured)
-        assert 0 <= measured["moments"] - dry["optimizer_state"] <= 8 * padding, (dry, measured)
+        assert 0 <= measured["moments"] - dry["optimizer_state"] <= 12 * padding, (dry, measured)

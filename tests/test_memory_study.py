@@ -141,11 +141,17 @@ def test_anchor_study_runs_in_under_three_minutes_and_meets_the_snell_over_lora_
     assert seconds < 180, seconds
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["failed"] == 0 and summary["ok"] == summary["points"]
-    ratios = {(x["ratio"], x["backbone"]): x for x in summary["ratios"]}
+    ratios = {(x["ratio"], x["backbone"], x["attention"]): x for x in summary["ratios"]}
     for backbone in ("vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224"):
-        over_lora = ratios[("snell-8 / lora-8", backbone)]
-        assert over_lora["ours"] <= 1.02 and over_lora["meets_target"], over_lora
-        over_masked = ratios[("snell-8 / sparse_masked", backbone)]
-        # the paper's own SNELL/GPS ratio is 0.69 (B), 0.60 (L, H): ours is at or below it at every size
-        assert over_masked["ours"] <= over_masked["paper"] + 0.005, over_masked
+        for attention in ("sdpa", "explicit"):
+            over_lora = ratios[("snell-8 / lora-8", backbone, attention)]
+            assert over_lora["ours"] <= 1.02 and over_lora["meets_target"], over_lora
+            over_masked = ratios[("snell-8 / sparse_masked", backbone, attention)]
+            # the paper's own SNELL/GPS ratio is 0.69 (B), 0.60 (L, H): with timm's attention ours is at or below
+            # it at every size; the explicit attention matrix adds the same bytes to both, which lifts the ratio to
+            # 0.67 / 0.61 / 0.62, within 0.02 of the paper's
+            if attention == "sdpa":
+                assert over_masked["ours"] <= over_masked["paper"] + 0.005, over_masked
+            else:
+                assert abs(over_masked["ours"] - over_masked["paper"]) <= 0.025, over_masked
     assert "| snell-8 |" in (tmp_path / "snell_table_a8.md").read_text()

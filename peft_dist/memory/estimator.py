@@ -364,10 +364,11 @@ class Trace:
 
 
 def trace_step(cfg: RunConfig, plan: EnginePlan, *, fake: bool = True, steps: int = 1,
-               eval_batch_size: int | None = None) -> Trace:
+               eval_batch_size: int | None = None, attention: str = "sdpa") -> Trace:
     """Build the model of ``cfg`` (fake or real CPU tensors), apply the engine, create the optimizer state, then track
     ``steps`` training steps and one evaluation forward (``eval_batch_size`` images; 0 skips it). Needs the process
-    group of ``plan`` (see :func:`fake_process_group`) for fsdp2."""
+    group of ``plan`` (see :func:`fake_process_group`) for fsdp2. ``attention="explicit"`` traces the official
+    PETL code's attention (:mod:`peft_dist.memory.attention`)."""
     from peft_dist.compat import fake_tensor_api
     from peft_dist.engines.engine import build_optimizer
     from peft_dist.methods.base import TrainPlan
@@ -382,6 +383,10 @@ def trace_step(cfg: RunConfig, plan: EnginePlan, *, fake: bool = True, steps: in
         materialize_fake(model, fake_mode)
     else:
         model, method = build_model(cfg)
+    if attention != "sdpa":
+        from peft_dist.memory.attention import use_attention
+
+        use_attention(model, attention)
     apply_engine(model, plan)  # outside the fake mode: a device mesh cannot be built inside it
     notes: list[str] = []
     mode = fake_mode if fake else contextlib.nullcontext()
@@ -491,11 +496,18 @@ def exact_state(cfg: RunConfig, plan: EnginePlan) -> dict[str, int]:
 
 def estimate(cfg: RunConfig, world_size: int = 1, *, device: str = "cuda", fake: bool = True,
              extrapolate: bool = True, steps: int = 1, eval_batch_size: int | None = None,
-             options_at_depth: Callable[[int | None], dict[str, Any]] | None = None) -> MemoryReport:
+             options_at_depth: Callable[[int | None], dict[str, Any]] | None = None,
+             attention: str = "sdpa") -> MemoryReport:
     """Predict the per-rank :class:`MemoryReport` of training ``cfg`` on ``world_size`` ranks of ``device``.
 
     ``fake=False`` runs the same pipeline on real CPU tensors (what the tests compare against). ``options_at_depth``
-    supplies method options per traced depth (None = full depth) when they depend on the depth (SPT allocations)."""
+    supplies method options per traced depth (None = full depth) when they depend on the depth (SPT allocations).
+    ``attention``: ``sdpa`` (timm's, what training runs) or ``explicit`` (the official PETL code's softmax(QKᵀ)V,
+    which keeps the B×H×N×N matrix: the papers' memory tables were measured so)."""
+    from peft_dist.memory.attention import ATTENTION_KINDS
+
+    if attention not in ATTENTION_KINDS:
+        raise ConfigError(f"attention: got {attention!r}; allowed: {', '.join(ATTENTION_KINDS)}")
     started = time.perf_counter()
     plan = resolve_plan(cfg, world_size, device)
     notes = list(plan.notes)
@@ -509,9 +521,10 @@ def estimate(cfg: RunConfig, world_size: int = 1, *, device: str = "cuda", fake:
         depth = model_depth(cfg) if (extrapolate and fake) else None
         trace = None
         if depth is not None and depth > BASE_DEPTH + 2:
-            trace = _extrapolated(cfg_at, trace_plan, depth, steps, eval_batch_size, notes)
+            trace = _extrapolated(cfg_at, trace_plan, depth, steps, eval_batch_size, notes, attention)
         if trace is None:
-            trace = trace_step(cfg_at(None), trace_plan, fake=fake, steps=steps, eval_batch_size=eval_batch_size)
+            trace = trace_step(cfg_at(None), trace_plan, fake=fake, steps=steps, eval_batch_size=eval_batch_size,
+                               attention=attention)
     report = _report_from_trace(trace, plan, device)
     if plan.engine in ("ddp", "fairscale_oss"):
         _add_ddp_buckets(report, plan)
@@ -523,6 +536,8 @@ def estimate(cfg: RunConfig, world_size: int = 1, *, device: str = "cuda", fake:
                      "data-dependent selections taken as empty (fake tensors have no values)")
     notes.append(f"estimated on CPU with {'fake' if fake else 'real'} tensors in "
                  f"{time.perf_counter() - started:.1f} s")
+    if attention != "sdpa":
+        notes.append(f"attention traced as {attention} (the official code's softmax(QKᵀ)V)")
     report.notes = notes + report.notes
     return report
 
@@ -540,14 +555,15 @@ def _predicts(low: Trace, high: Trace, actual: Trace) -> bool:
 
 
 def _extrapolated(cfg_at, plan: EnginePlan, depth: int, steps: int, eval_batch_size: int | None,
-                  notes: list[str]) -> Trace | None:
+                  notes: list[str], attention: str = "sdpa") -> Trace | None:
     """The trace of the full depth from the last two of three traced depths one block apart, once the first two
     predict the third exactly (module docstring), starting at BASE_DEPTH and moving one block deeper while they do
     not; None: trace the full depth (also when it is no deeper than the three traces)."""
     exact = exact_state(cfg_at(None), plan)
     traces: list[Trace] = []
     for d in range(BASE_DEPTH, min(depth, BASE_DEPTH + 5)):
-        traces.append(trace_step(cfg_at(d), plan, fake=True, steps=steps, eval_batch_size=eval_batch_size))
+        traces.append(trace_step(cfg_at(d), plan, fake=True, steps=steps, eval_batch_size=eval_batch_size,
+                                 attention=attention))
         if len(traces) < 3:
             continue
         low, mid, high = traces[-3:]
@@ -586,11 +602,11 @@ def _finish_peak(r: MemoryReport, breakdown: dict[str, dict[str, int]] | None = 
 
 def _add_ddp_buckets(r: MemoryReport, plan: EnginePlan) -> None:
     """DDP keeps a flat bucket copy of every trainable gradient for the run's lifetime (gradient_as_bucket_view is
-    off); fairscale OSS additionally shards the optimizer state over the ranks."""
+    off): alive in every phase, counted in the peak (and so in the rest, as the profiler measures it: its gradients
+    are the parameters' ``.grad``); fairscale OSS additionally shards the optimizer state over the ranks."""
     buckets = r.params_trainable_bytes
     for k in r.phase_peak_allocated_bytes:
         r.phase_peak_allocated_bytes[k] += buckets
-    r.grads_bytes += buckets
     r.peak_breakdown_bytes["DDP buckets (modelled)"] = buckets
     if plan.engine == "fairscale_oss":
         saved = r.optimizer_state_bytes - math.ceil(r.optimizer_state_bytes / plan.world_size)
@@ -606,11 +622,30 @@ def _deepspeed_trace_plan(plan: EnginePlan) -> EnginePlan:
     return EnginePlan(engine="single", world_size=1, target=plan.target, model_bf16=plan.model_bf16)
 
 
+def _zero3_parameter_bytes(cfg: RunConfig, world: int, elem: int, threshold: int) -> tuple[int, int]:
+    """(frozen, trainable) bytes one ZeRO-3 rank holds: every parameter's ``ds_tensor`` partition of
+    ceil(n / world) elements, and the full tensor too for a persistent one (n <= ``param_persistence_threshold``:
+    partition_parameters.py ``Init._convert_to_deepspeed_param``), counted on the meta model."""
+    model, _ = build_meta_model(cfg)
+    frozen = trainable = 0
+    for p in model.parameters():
+        n = p.numel()
+        held = elem * (math.ceil(n / world) + (n if n <= threshold else 0))
+        if p.requires_grad:
+            trainable += held
+        else:
+            frozen += held
+    return frozen, trainable
+
+
 def _model_deepspeed(r: MemoryReport, cfg: RunConfig, plan: EnginePlan) -> None:
-    """ZeRO on top of the traced single-process step (stage_1_and_2.py / stage3.py of the installed DeepSpeed):
-    optimizer state and an fp32 master copy of the trainable parameters partitioned over the ranks (stage ≥ 1),
-    gradients partitioned (stage ≥ 2), parameters partitioned (stage 3, all of them, frozen ones included), plus the
-    ``reduce_bucket_size``-element gradient staging buffer(s) that live through backward and step."""
+    """ZeRO on top of the traced single-process step (stage_1_and_2.py / stage3.py of DeepSpeed 0.19.8): optimizer
+    state and an fp32 master copy of the trainable parameters partitioned over the ranks (stage >= 1), gradients
+    partitioned (stage >= 2), parameters partitioned (stage 3, frozen ones included, small ones persistent), plus
+    the ``reduce_bucket_size``-element gradient staging buffer(s): stage 1/2 allocate them in backward and free them
+    at its end (``independent_gradient_partition_epilogue`` → ``_release_ipg_buffers``), so they count in the
+    backward peak only; stage 3 allocates one per dtype at start-up (``contiguous_gradients``) with its flat
+    gradient partition, both alive in every phase."""
     from peft_dist.engines.deepspeed_engine import deepspeed_config
 
     elem = 2 if plan.model_bf16 else 4
@@ -621,7 +656,6 @@ def _model_deepspeed(r: MemoryReport, cfg: RunConfig, plan: EnginePlan) -> None:
     world = plan.world_size
     defaults = _deepspeed_zero_defaults()
     bucket = int(float(zero.get("reduce_bucket_size", defaults["reduce_bucket_size"])))
-    overlap = bool(zero.get("overlap_comm", defaults["overlap_comm_stage3" if stage == 3 else "overlap_comm"]))
     part = math.ceil(trainable_elems / world)
     before = r.static_bytes
     adam_bytes = r.optimizer_state_bytes
@@ -629,15 +663,23 @@ def _model_deepspeed(r: MemoryReport, cfg: RunConfig, plan: EnginePlan) -> None:
     if stage >= 2:
         r.grads_bytes = 4 * part
     if stage == 3:
-        r.params_frozen_bytes = math.ceil(r.params_frozen_bytes / world)
-        r.params_trainable_bytes = elem * part
-    staging = bucket * (4 if stage == 1 else elem) * (2 if overlap else 1)
+        threshold = int(float(zero.get("stage3_param_persistence_threshold",
+                                       defaults["stage3_param_persistence_threshold"])))
+        r.params_frozen_bytes, r.params_trainable_bytes = _zero3_parameter_bytes(
+            _config_at_depth(cfg, None, None), world, elem, threshold)
     delta = r.static_bytes - before
+    if stage == 3:
+        staging = bucket * elem  # IPGBucketZ3.buffer, one per communication dtype
+        phases_with_staging = tuple(r.phase_peak_allocated_bytes)
+    else:
+        overlap = bool(zero.get("overlap_comm", defaults["overlap_comm"]))
+        staging = bucket * (4 if stage == 1 else elem) * (2 if overlap else 1)
+        phases_with_staging = ("backward",)
     for k in r.phase_peak_allocated_bytes:
-        r.phase_peak_allocated_bytes[k] += delta + (staging if k in ("backward", "optimizer") else 0)
+        r.phase_peak_allocated_bytes[k] += delta + (staging if k in phases_with_staging else 0)
     r.peak_breakdown_bytes = {"ZeRO gradient staging buffer (reduce_bucket_size, modelled)": staging}
     r.notes.append(f"deepspeed ZeRO-{stage}: modelled (not traced): reduce_bucket_size {bucket:,} elements "
-                   f"→ {staging / 2**20:,.0f} MiB staging in backward")
+                   f"→ {staging / 2**20:,.0f} MiB staging in {', '.join(phases_with_staging)}")
     _finish_peak(r)
 
 
@@ -646,10 +688,10 @@ def _deepspeed_zero_defaults() -> dict[str, Any]:
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
         fields = DeepSpeedZeroConfig.model_fields
-        return {"reduce_bucket_size": fields["reduce_bucket_size"].default,
-                "overlap_comm": False, "overlap_comm_stage3": True}
+        return {"reduce_bucket_size": fields["reduce_bucket_size"].default, "overlap_comm": False,
+                "stage3_param_persistence_threshold": fields["param_persistence_threshold"].default}
     except Exception:  # DeepSpeed not installed: its documented defaults
-        return {"reduce_bucket_size": 500_000_000, "overlap_comm": False, "overlap_comm_stage3": True}
+        return {"reduce_bucket_size": 500_000_000, "overlap_comm": False, "stage3_param_persistence_threshold": 100_000}
 
 
 def estimate_for_dry_run(cfg: RunConfig, world_size: int) -> dict[str, Any]:

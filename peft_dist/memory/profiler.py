@@ -14,8 +14,15 @@ What is measured and how (ecosystem §7):
   and torchtitan report.
 * **Activations** = peak allocated − the exact model state: "the rest" (activations, autograd temporaries and
   workspaces).
-* On CPU there is no allocator to ask: the report carries the process's peak resident set size and leaves the
-  allocator fields empty.
+* On CPU there is no allocator to ask, so :class:`LiveStorageTracker` (a dispatch mode over the real tensors, the
+  same accounting as torch's ``MemTracker``) keeps the bytes of every live tensor storage through each phase: the
+  phase peaks, ``peak_allocated`` (their maximum) and ``activations`` are then measured exactly as on CUDA, and the
+  process's peak resident set size stands beside them (``memory.cpu_tracking: false`` turns the tracker off and
+  leaves only the RSS). A storage is counted from the first op that creates or reads it (parameters, the batch and
+  the optimizer state are also registered by :meth:`MemoryProfiler.capture_state`) until Python frees it; resizes
+  of a storage (FSDP2 frees and refills its unsharded parameters so) are followed. Blind to: allocator rounding and
+  caching (CUDA's 512-byte blocks, ``peak_reserved``), temporaries that a single C++ kernel allocates and frees
+  inside itself, and storages no Python-visible op ever touches.
 * On CUDA, optional allocator snapshots for https://pytorch.org/memory_viz: ``memory.snapshot_steps: N`` records the
   allocation history of the first N steps and dumps it; ``memory.snapshot_on_oom`` dumps the allocator state when an
   allocation fails.
@@ -27,12 +34,17 @@ import dataclasses
 import json
 import resource
 import sys
+import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 from peft_dist import compat
 
@@ -49,12 +61,63 @@ def local_bytes(t: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
+def state_tensors(model: nn.Module, optimizer: Any = None) -> Iterator[torch.Tensor]:
+    """Every tensor of the model state: parameters, buffers, gradients, optimizer state (ZeRO's flat partitions)."""
+    for p in model.parameters():
+        yield p
+        if p.grad is not None:
+            yield p.grad
+        if hasattr(p, "ds_tensor"):
+            yield p.ds_tensor
+    yield from model.buffers()
+    state = getattr(optimizer, "state", None) or {}
+    for s in state.values():
+        if isinstance(s, dict):
+            yield from (v for v in s.values() if isinstance(v, torch.Tensor))
+    yield from _zero_master(optimizer)
+    yield from _zero_gradients(optimizer)
+
+
+def _zero_master(optimizer: Any) -> list[torch.Tensor]:
+    """DeepSpeed ZeRO's fp32 master partition of the trainable parameters (stage 1/2 and stage 3)."""
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        groups = getattr(optimizer, name, None)
+        if groups:
+            return [t for t in groups if isinstance(t, torch.Tensor)]
+    return []
+
+
+def _zero_gradients(optimizer: Any) -> list[torch.Tensor]:
+    """DeepSpeed ZeRO's partitioned gradients (stage 1/2: ``averaged_gradients``; stage 3: the flat partition
+    buffer); empty for other optimizers and after the step."""
+    if optimizer is None or not hasattr(optimizer, "single_partition_of_fp32_groups") and \
+            not hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        return []
+    out: list[torch.Tensor] = []
+    averaged = getattr(optimizer, "averaged_gradients", None) or {}
+    for group in (averaged.values() if isinstance(averaged, dict) else averaged):
+        out += [t for t in (group or []) if isinstance(t, torch.Tensor)]
+    flat = getattr(optimizer, "grad_partitions_flat_buffer", None)
+    if isinstance(flat, torch.Tensor) and not out:
+        out.append(flat)
+    return out
+
+
+def _param_bytes(p: torch.Tensor) -> int:
+    """Bytes this rank holds for parameter ``p``: its local shard, plus ZeRO-3's partition (``ds_tensor``)."""
+    held = getattr(p, "ds_tensor", None)
+    # ZeRO-3 empties p.data of a partitioned parameter and keeps it full for a persistent (small) one: both count
+    return local_bytes(p) + (local_bytes(held) if isinstance(held, torch.Tensor) else 0)
+
+
 def state_bytes(model: nn.Module, optimizer: Any = None) -> dict[str, int]:
-    """Exact bytes of the model state this rank holds, by category (parameters shared by two modules count once)."""
+    """Exact bytes of the model state this rank holds, by category (parameters shared by two modules count once).
+    Under DeepSpeed ZeRO the fp32 master partition counts as optimizer state and the partitioned gradients as
+    gradients (the categories the estimator models them in)."""
     params = list(model.parameters())
     counts = {
-        "params_frozen_bytes": sum(local_bytes(p) for p in params if not p.requires_grad),
-        "params_trainable_bytes": sum(local_bytes(p) for p in params if p.requires_grad),
+        "params_frozen_bytes": sum(_param_bytes(p) for p in params if not p.requires_grad),
+        "params_trainable_bytes": sum(_param_bytes(p) for p in params if p.requires_grad),
         "buffers_bytes": sum(local_bytes(b) for b in model.buffers()),
         "grads_bytes": sum(local_bytes(p.grad) for p in params if p.grad is not None),
         "optimizer_state_bytes": 0,
@@ -62,7 +125,111 @@ def state_bytes(model: nn.Module, optimizer: Any = None) -> dict[str, int]:
     state = getattr(optimizer, "state", None) or {}
     counts["optimizer_state_bytes"] = sum(local_bytes(v) for s in state.values() if isinstance(s, dict)
                                           for v in s.values() if isinstance(v, torch.Tensor))
+    counts["optimizer_state_bytes"] += sum(local_bytes(t) for t in _zero_master(optimizer))
+    counts["grads_bytes"] += sum(local_bytes(t) for t in _zero_gradients(optimizer))
     return counts
+
+
+class LiveStorageTracker(TorchDispatchMode):
+    """Bytes of the tensor storages alive at once on CPU, with the peak of each phase (see the module docstring).
+
+    Entered around each phase (:meth:`phase`); the books stay open between phases, so a storage freed outside a phase
+    is still taken off. ``seconds`` is the time spent inside the tracker's own bookkeeping (its overhead)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        """storage → [bytes counted for it] (a cell, so a resize and the storage's finalizer agree)."""
+        self.live = 0
+        self.phase: str | None = None
+        self.phase_peak: dict[str, int] = {}
+        self.seconds = 0.0
+        self._original_resize = None
+
+    # -- books
+    def _forget(self, cell: list[int]) -> None:
+        self.live -= cell[0]
+
+    def observe(self, t: torch.Tensor) -> None:
+        """Count ``t``'s storage if it is new (or resized since it was last seen)."""
+        if t.device.type == "meta" or type(t).__name__ == "FakeTensor":
+            return
+        if hasattr(t, "_local_tensor"):  # a DTensor: its local shard is what this rank holds
+            t = t._local_tensor
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses, sparse)
+            return
+        nbytes = storage.nbytes()
+        cell = self.sizes.get(storage)
+        if cell is None:
+            cell = [nbytes]
+            self.sizes[storage] = cell
+            weakref.finalize(storage, self._forget, cell)
+            self.live += nbytes
+        elif cell[0] != nbytes:
+            self.live += nbytes - cell[0]
+            cell[0] = nbytes
+        else:
+            return
+        self._note_peak()
+
+    def observe_all(self, tensors: Iterable[torch.Tensor]) -> None:
+        started = time.perf_counter()
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self.observe(t)
+        self.seconds += time.perf_counter() - started
+
+    def _note_peak(self) -> None:
+        if self.phase is not None and self.live > self.phase_peak.get(self.phase, -1):
+            self.phase_peak[self.phase] = self.live
+
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        cell = self.sizes.get(storage)
+        if cell is not None and cell[0] != storage.nbytes():
+            self.live += storage.nbytes() - cell[0]
+            cell[0] = storage.nbytes()
+            self._note_peak()
+
+    # -- phases
+    def begin(self, name: str) -> None:
+        self.phase = name
+        self._note_peak()
+        # UntypedStorage.resize_ reaches no dispatch mode (FSDP2's free_storage/alloc_storage use it): follow it
+        # the way torch's MemTracker does, while a phase runs
+        original = self._original_resize = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage, size):
+            out = original(storage, size)
+            tracker._resized(storage)
+            return out
+
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+        self.__enter__()
+
+    def end(self) -> None:
+        self.__exit__(None, None, None)
+        if self._original_resize is not None:
+            torch.UntypedStorage.resize_ = self._original_resize  # type: ignore[method-assign]
+            self._original_resize = None
+        self.phase = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        started = time.perf_counter()
+        for t in tree_flatten((args, kwargs))[0]:  # a storage first met as an input was alive before the op
+            if isinstance(t, torch.Tensor):
+                self.observe(t)
+        middle = time.perf_counter()
+        out = func(*args, **kwargs)
+        after = time.perf_counter()
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.observe(t)
+        self.seconds += (middle - started) + (time.perf_counter() - after)
+        return out
 
 
 @dataclass
@@ -147,6 +314,11 @@ class MemoryProfiler:
         self.steps_seen = 0
         self.recording = False
         self._oom_dumped = False
+        self.tracker = LiveStorageTracker() if (enabled and not self.cuda and
+                                                getattr(config, "cpu_tracking", True)) else None
+        """CPU: the live-storage tracker that measures the phase peaks (``memory.cpu_tracking``)."""
+        self.phase_seconds = 0.0
+        """Wall time spent inside tracked phases (the tracker's overhead is reported as a share of it)."""
         if self.enabled and self.cuda and self.out_dir is not None:
             if self.snapshot_steps > 0:
                 compat.record_cuda_memory_history(max_entries=self.snapshot_max_entries)
@@ -158,6 +330,20 @@ class MemoryProfiler:
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Peak allocated/reserved bytes of the enclosed code (peaks reset on entry); the max over calls is kept."""
+        if self.tracker is not None and self.tracker.phase is None:
+            r = self.report
+            started = time.perf_counter()
+            self.tracker.begin(name)
+            try:
+                yield
+            finally:
+                self.tracker.end()
+                self.phase_seconds += time.perf_counter() - started
+                peak = self.tracker.phase_peak.get(name, 0)
+                r.phase_peak_allocated_bytes[name] = max(r.phase_peak_allocated_bytes.get(name, 0), peak)
+            if name == "optimizer":
+                self.steps_seen += 1
+            return
         if not (self.enabled and self.cuda):
             yield
             if name == "optimizer":
@@ -183,6 +369,8 @@ class MemoryProfiler:
         if not self.enabled:
             return
         r = self.report
+        if self.tracker is not None:  # state no op of a phase has touched yet (unused parameters) is alive too
+            self.tracker.observe_all(state_tensors(model, optimizer))
         counts = state_bytes(model, optimizer)
         r.params_frozen_bytes = counts["params_frozen_bytes"]
         r.params_trainable_bytes = counts["params_trainable_bytes"]
@@ -202,6 +390,13 @@ class MemoryProfiler:
             reserved = r.phase_peak_reserved_bytes
             r.peak_reserved_bytes = max(reserved.values()) if reserved else torch.cuda.max_memory_reserved(self.device)
             r.activations_bytes = max(0, r.peak_allocated_bytes - r.static_bytes)
+        elif self.tracker is not None and r.phase_peak_allocated_bytes:
+            r.peak_allocated_bytes = max(r.phase_peak_allocated_bytes.values())
+            r.activations_bytes = max(0, r.peak_allocated_bytes - r.static_bytes)
+            share = self.tracker.seconds / max(self.phase_seconds, 1e-9)
+            r.notes.append(f"cpu: peaks are live tensor storage (dispatch-mode tracker, no allocator rounding); "
+                           f"bookkeeping {self.tracker.seconds:.2f} s of {self.phase_seconds:.2f} s in tracked "
+                           f"phases ({100 * share:.1f} %)")
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         r.peak_rss_bytes = rss if sys.platform == "darwin" else rss * 1024
         return r

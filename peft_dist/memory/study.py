@@ -32,13 +32,15 @@ from typing import Any
 
 from peft_dist.config import ConfigError, read_yaml_mapping
 
-AXES = ("backbone", "method", "batch_size", "dtype", "activation_checkpointing", "engine", "world_size")
+AXES = ("backbone", "method", "batch_size", "dtype", "activation_checkpointing", "engine", "world_size", "attention")
 AXIS_DEFAULTS: dict[str, Any] = {"batch_size": 8, "dtype": "fp32", "activation_checkpointing": False,
-                                 "engine": "single", "world_size": 1}
+                                 "engine": "single", "world_size": 1, "attention": "sdpa"}
+"""``attention``: ``sdpa`` (timm's, what training runs) or ``explicit`` (the official PETL code's softmax(QKᵀ)V,
+estimate only: :mod:`peft_dist.memory.attention`)."""
 TOP_KEYS = ("study", "description", "mode", "device", "base", "eval_batch_size", "grid", "methods", "paper",
             "ratios", "backbone_labels", "jobs")
 MODES = ("estimate", "measure", "auto")
-CSV_COLUMNS = ("backbone", "method", "engine", "world_size", "batch_size", "dtype", "activation_checkpointing",
+CSV_COLUMNS = ("backbone", "method", "engine", "world_size", "batch_size", "dtype", "activation_checkpointing", "attention",
                "params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "peak_bytes",
                "params_frozen_bytes", "params_trainable_bytes", "buffers_bytes", "peak_reserved_bytes",
                "backbone_params", "method_name", "source", "status", "seconds", "paper_mib", "ours_over_paper",
@@ -117,6 +119,9 @@ def load_study(path: str | Path) -> Study:
     for v in grid.get("activation_checkpointing", []):
         if not isinstance(v, bool):
             raise ConfigError(f"{path}: grid.activation_checkpointing: got {v!r}; allowed: true, false")
+    for v in grid.get("attention", []):
+        if v not in ("sdpa", "explicit"):
+            raise ConfigError(f"{path}: grid.attention: got {v!r}; allowed: sdpa, explicit")
     study.grid = grid
     methods = _mapping(raw.get("methods"), f"{path}: methods")
     for label, spec in methods.items():
@@ -330,10 +335,14 @@ def _measure_or_estimate(study: Study, point: dict[str, Any], spec: dict[str, An
         plain = create_backbone(cfg.model.name, cfg.model.num_classes, None, **cfg.model.kwargs)
     backbone_params = sum(p.numel() for p in plain.parameters())
     del plain
+    attention = point.get("attention", "sdpa")
     if mode == "measure":
+        if attention != "sdpa":
+            raise ConfigError("attention=explicit is an estimate only (training runs timm's attention); use mode "
+                              "estimate for it")
         return measure_point(cfg, point["world_size"], out_dir / "runs" / _slug(point)), backbone_params
     report = estimate(cfg, point["world_size"], device=study.device, eval_batch_size=study.eval_batch_size,
-                      options_at_depth=options_at_depth)
+                      options_at_depth=options_at_depth, attention=attention)
     return report, backbone_params
 
 
@@ -438,7 +447,8 @@ def write_outputs(study: Study, rows: list[dict[str, Any]], out_dir: Path) -> No
 
 # ============================================================================================ tables
 def _settings_key(row: dict[str, Any]) -> tuple:
-    return (row["engine"], row["world_size"], row["batch_size"], row["dtype"], row["activation_checkpointing"])
+    return (row["engine"], row["world_size"], row["batch_size"], row["dtype"], row["activation_checkpointing"],
+            row.get("attention", "sdpa"))
 
 
 def ratio_rows(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -456,6 +466,7 @@ def ratio_rows(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
             pn = study.paper.get(ratio.numerator, {}).get(backbone)
             pd = study.paper.get(ratio.denominator, {}).get(backbone)
             out.append({"ratio": f"{ratio.numerator} / {ratio.denominator}", "backbone": backbone,
+                        "attention": settings[-1],
                         "settings": settings, "ours": ours, "paper": pn / pd if pn and pd else None,
                         "target_max": ratio.target_max,
                         "meets_target": None if ratio.target_max is None else ours <= ratio.target_max})
@@ -474,10 +485,10 @@ def format_study(study: Study, rows: list[dict[str, Any]], markdown: bool = Fals
     for r in ok:
         groups.setdefault(_settings_key(r), []).append(r)
     for settings, group in groups.items():
-        engine, world, batch, dtype, ac = settings
+        engine, world, batch, dtype, ac, attention = settings
         source = sorted({r["source"] for r in group})
         lines += ["", f"## {engine}, world {world}, batch {batch}/rank, {dtype}, activation checkpointing "
-                      f"{'on' if ac else 'off'} ({'/'.join(source)}; peak per rank, MiB)"]
+                      f"{'on' if ac else 'off'}, attention {attention} ({'/'.join(source)}; peak per rank, MiB)"]
         backbones = list(dict.fromkeys(r["backbone"] for r in group))
         methods = list(dict.fromkeys(r["method"] for r in group))
         cell = {(r["method"], r["backbone"]): r for r in group}
@@ -507,10 +518,10 @@ def format_study(study: Study, rows: list[dict[str, Any]], markdown: bool = Fals
     ratios = ratio_rows(study, rows)
     if ratios:
         lines += ["", "## ratios of peak memory (ours vs paper)"]
-        table = [["ratio", "backbone", "ours", "paper", "target", ""]]
+        table = [["ratio", "backbone", "attention", "ours", "paper", "target", ""]]
         for r in ratios:
             verdict = "" if r["meets_target"] is None else ("meets" if r["meets_target"] else "MISSES")
-            table.append([r["ratio"], label(r["backbone"]), f"{r['ours']:.3f}",
+            table.append([r["ratio"], label(r["backbone"]), r["settings"][-1], f"{r['ours']:.3f}",
                           "" if r["paper"] is None else f"{r['paper']:.3f}",
                           "" if r["target_max"] is None else f"≤ {r['target_max']:.2f}", verdict])
         lines += _table(table, markdown)
