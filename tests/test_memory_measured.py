@@ -6,18 +6,16 @@ bytes of the tensor storages alive at once (every op's inputs and outputs, freed
 categories are counted from the tensors after the first step. Estimated: ``peft_dist.memory.estimate`` of the same
 config (fake tensors, depth extrapolation for ViT-B). Compared per category (frozen / trainable parameters, buffers,
 gradients, optimizer state, activations = peak − state) and the peak; every ratio estimate / measurement lies in
-[0.95, 1.05] except the ones listed in ``EXPLAINED`` below, each with its size and reason:
+[0.95, 1.05]; ``EXPLAINED`` below would widen a range where the docstring explains a larger difference (none needs
+it today). The differences that remain inside 5 %, measured on this machine (tiny ViT, rank 0):
 
-* SNELL-8 on the tiny ViT (ratios measured on this machine, sizes in bytes of rank 0's peak):
-  - single process: the estimate is 19 KB (1.4 % of the 1.36 MB peak) low: SNELL's kernel picks its threshold from
-    a data-dependent gather of the magnitudes near the quantile (``functional/kernelized.py``), which fake tensors
-    take as empty (the estimate's note counts those selections); within 5 %, no entry needed.
-  - ddp and fsdp2 at world 2: 84,236 B low in both (activations 0.915 / 0.935, peak 0.943 / 0.945): the 19 KB above
-    plus 65,280 B that a 2-rank SNELL run holds at its backward peak beyond the single-rank trace, under either
-    engine (so not DDP's buckets, which are modelled exactly: LoRA under ddp is 1.000), not attributed yet.
-  - ZeRO-2 / ZeRO-3: the same SNELL remainder beside DeepSpeed's own (LoRA ZeRO-3: 90 KB of gathers and
-    bookkeeping that the single-process trace cannot see, 0.981 of activations); ZeRO-3 SNELL activations 0.945.
-  On ViT-B these few tens of KB are far below 1 % of any peak; they show here because the tiny ViT's peak is ~1 MB.
+* SNELL-8, every engine: the estimate is ~19 KB low (1.3 % of a ~1.4 MB peak under ddp/fsdp2): SNELL's kernel takes
+  its threshold from a data-dependent gather of the magnitudes near the quantile (``functional/kernelized.py``),
+  which fake tensors take as empty (the estimate's note counts those selections). On ViT-B it is far below 1 %.
+* ZeRO-3: DeepSpeed's gathers and per-module bookkeeping that a single-process trace cannot see: 90 KB for LoRA
+  (activations 0.981), 221 KB for SNELL (0.956, its trainable factors are 4x LoRA's and are gathered too).
+* fsdp2 rank 1 holds a few hundred bytes less trainable state than rank 0 (uneven rows of tiny tensors; the
+  estimator traces rank 0): ratio 1.03 of a 6 KB figure, within the tolerance as it stands.
 
 Cases: ViT-B/16 at batch 8 (224², fp32, 10 classes) for full, linear, LoRA-8, SNELL-8, SPT-LoRA, ARC, HTA and
 sparse_masked under ``single`` (one test per method, one row of the table each); a tiny ViT (depth 2, width 48) at
@@ -59,11 +57,7 @@ MULTI_RANK = [(method, engine, stage) for engine, stage in (("ddp", 0), ("fsdp2"
                                                              ("deepspeed", 3)) for method in ("lora", "snell")]
 FIELDS = [*CATEGORIES, "peak_allocated"]
 LOW, HIGH = 0.95, 1.05
-EXPLAINED: dict[tuple[str, str, str], tuple[float, float]] = {
-    ("snell", "ddp", "activations"): (0.90, 1.05), ("snell", "ddp", "peak_allocated"): (0.93, 1.05),
-    ("snell", "fsdp2", "activations"): (0.92, 1.05), ("snell", "fsdp2", "peak_allocated"): (0.93, 1.05),
-    ("snell", "zero-3", "activations"): (0.93, 1.05),
-}
+EXPLAINED: dict[tuple[str, str, str], tuple[float, float]] = {}
 """(method, engine label, field) → the allowed ratio range, where the module docstring explains the difference."""
 
 

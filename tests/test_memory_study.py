@@ -77,7 +77,10 @@ def test_a_small_grid_writes_csv_markdown_plots_and_ratios(tmp_path, capsys):
     ({"methods": {"lora-4": {"name": "lora", "rank": 0}, "sparse_masked": {"name": "sparse_masked"}}},
      r"grid.yaml: point backbone=vit_tiny_patch16_224, method=lora-4, .*method.rank: got 0"),
     ({"grid": {"backbone": ["vit_tiny_patch16_224"], "method": ["lora-4"], "engine": ["single"],
-               "world_size": [2]}}, r"point .*engine=single, world_size=2: dist.engine=single but --world-size 2"),
+               "world_size": [2]}},
+     r"point .*engine=single, world_size=2, attention=sdpa: dist.engine=single but --world-size 2"),
+    ({"grid": {"backbone": ["vit_tiny_patch16_224"], "method": ["lora-4"], "attention": ["flash"]}},
+     r"grid.attention: got 'flash'; allowed: sdpa, explicit"),
 ])
 def test_grid_file_errors_name_the_file_and_key(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
