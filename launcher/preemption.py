@@ -39,7 +39,11 @@ class PreemptionFlag:
         if threading.current_thread() is not threading.main_thread():
             return self  # signal handlers can only be set from the main thread
         for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            previous = signal.signal(sig, self._handle)
+            owner = getattr(previous, "__self__", None)
+            if isinstance(owner, PreemptionFlag):  # a trainer built but never run still holds it: chain past it
+                previous = owner._previous.get(sig, signal.SIG_DFL)
+            self._previous[sig] = previous
         return self
 
     def uninstall(self) -> None:

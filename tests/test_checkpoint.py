@@ -135,3 +135,17 @@ def test_signal_checkpoints_and_exits_for_requeue_then_resume_matches(tmp_path):
     got = resumed.engine.state_dict()
     for k in reference:
         assert torch.equal(got[k], reference[k]), k
+
+
+def test_a_trainer_that_never_ran_does_not_keep_the_signal_handler(tmp_path):
+    """A Trainer installs its SIGUSR1/SIGTERM handler when it is built (a signal while starting up requeues); one
+    that is built and dropped must not leave it behind for the next run to restore."""
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    batches = fixed_batches(n=1)
+    Trainer(tiny_cfg(tmp_path / "a", "lora", "train.steps=1"), DistEnv(), torch.device("cpu"), batches, batches)
+    assert signal.getsignal(signal.SIGUSR1) is not before[signal.SIGUSR1]  # the dropped trainer's handler
+    Trainer(tiny_cfg(tmp_path / "b", "lora", "train.steps=1"), DistEnv(), torch.device("cpu"), batches,
+            batches).fit()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
