@@ -59,6 +59,8 @@ SURVIVOR_MAX_DENSITY = 0.15
 sparsity of at least 0.85), and the dense Gᵀ·X above it. Measured on one CPU thread with ViT-B shapes at batch 8
 (``benchmarks/snell_step.py``): torch's sampled product beats the dense GEMM by 1.3-3x at 10 % density and loses
 from about 20 % on."""
+_BLOCK_SHRINK = 4
+"""Row blocks hold ``chunk_entries / 4`` entries (:func:`_block_entries`)."""
 _SURVIVOR_TOKEN_CHUNK = 256
 """Tokens per sampled-product call: the chunks of G and X stay in the L2 cache while every survivor reads them, and
 bound the contiguous copies the call makes of them."""
@@ -268,7 +270,7 @@ def _build_sparse_kernel(fac: _Factors, out: torch.Tensor, sparsity: float, cfg:
     frozen weight rows) if given; return τ (None: plain kernel). Row blocks bound the transient ``scratch`` and keep
     each block cache-resident between its passes."""
     rows = out.shape[0]
-    per_block = _rows_per_block(fac.kind, rows, fac.d_in, cfg.chunk_entries)
+    per_block = _rows_per_block(fac.kind, rows, fac.d_in, _block_entries(cfg))
     for r0, r1 in _blocks(rows, per_block):
         fac.kernel_rows(r0, r1, out[r0:r1], scratch[:r1 - r0])
     if fac.kind == "mixk":
@@ -400,8 +402,16 @@ class KernelizedLinearFunction(torch.autograd.Function):
         return (gx, gw, gb, None, None, None, None, *gfactors)
 
 
+def _block_entries(cfg: KernelConfig) -> int:
+    """Entries of every row block, forward and backward alike (the same partition rebuilds the kernel bit for bit):
+    a quarter of ``chunk_entries``. The forward holds the merged weight beside one block buffer and the backward
+    four block buffers plus the survivor path's per-block arrays; a quarter keeps SNELL-r's peak at a merged
+    LoRA-r's (which holds one d_out×d_in weight), measured by ``benchmarks/snell_step.py`` (``snell_over_lora_peak``)."""
+    return max(1, cfg.chunk_entries // _BLOCK_SHRINK)
+
+
 def _scratch_rows(cfg: KernelConfig, biggest_rows: int, d_in: int) -> int:
-    return _rows_per_block(cfg.kind, biggest_rows, d_in, cfg.chunk_entries) if biggest_rows else 1
+    return _rows_per_block(cfg.kind, biggest_rows, d_in, _block_entries(cfg)) if biggest_rows else 1
 
 
 def _backward(x, weight, factors, grad_y, slices, cfg, taus, d_out, need_x, need_w, need_f, strategy=None):
@@ -522,7 +532,8 @@ def _slice_backward(fac: _Factors, spec: SliceSpec, tau, cfg: KernelConfig, G, X
     kernel (reused for W and then G_S), the magnitude factor (reused for R) and the two distances. ``survivors``:
     G_S ⊙ m is formed at the survivors only (:func:`survivor_weight_grad`), else as the dense G_Yᵀ·X."""
     rows, d_in = spec.stop - spec.start, fac.d_in
-    per_block = _rows_per_block(fac.kind, rows, d_in, cfg.chunk_entries)
+    # the forward's row blocks, so each entry is rebuilt bit for bit (an entry at τ must not flip between passes)
+    per_block = _rows_per_block(fac.kind, rows, d_in, _block_entries(cfg))
     kdtype = fac.A.dtype
     sparse = tau is not None
     K_buf = X.new_empty((per_block, d_in), dtype=kdtype)
