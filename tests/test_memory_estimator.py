@@ -256,14 +256,15 @@ def test_plan_mirrors_the_engines_precision_rules():
 
 def test_memory_command_writes_a_report_and_compares_with_a_real_run(tmp_path, capsys):
     """``peft-dist memory --compare`` against the memory.json of a real one-step training run of the same
-    configuration: the exact state fields agree byte for byte (ratio 1.000); activations and peak have no CPU
-    measurement and print as "—"."""
+    configuration: the exact state fields agree byte for byte (ratio 1.000); activations and peak, measured on CPU
+    by the profiler's live-storage tracker over 2 steps (the second holds the Adam state, as the estimate's step
+    does), within 5 % (tests/test_memory_measured.py compares every method and engine)."""
     from launcher.env import DistEnv
     from peft_dist.train.trainer import train
 
     run = tmp_path / "run"
     train(tiny_config("method.name=lora", "data.img_size=32", "data.synthetic_samples=8", "data.synthetic_classes=5",
-                      "data.num_workers=0", "train.steps=1", "train.progress=false", f"train.out_dir={run}"),
+                      "data.num_workers=0", "train.steps=2", "train.progress=false", f"train.out_dir={run}"),
           DistEnv(), torch.device("cpu"))
     [measured] = read_memory_json(run)
     assert measured.source == "measured" and measured.optimizer_state_bytes > 0
@@ -289,7 +290,8 @@ def test_memory_command_writes_a_report_and_compares_with_a_real_run(tmp_path, c
     rows = {line.split()[0]: line.split() for line in text[text.index("est/meas"):].splitlines()[1:] if line.strip()}
     for field in exact:  # a field the run measured as 0 (this tiny ViT has no buffers) has no ratio
         assert rows[field][-1] == ("1.000" if getattr(measured, field) else "—"), rows[field]
-    assert rows["activations_bytes"][-1] == rows["peak_allocated_bytes"][-1] == "—"
+    for field in ("activations_bytes", "peak_allocated_bytes"):
+        assert 0.95 <= float(rows[field][-1]) <= 1.05, rows[field]
 
 
 def test_dry_run_hook_returns_activation_figures():
