@@ -110,9 +110,11 @@ def touched_columns(index: torch.Tensor, in_features: int) -> tuple[torch.Tensor
 
 def _saved_input(x: torch.Tensor, index: torch.Tensor, need_weight: bool):
     """What backward needs of ``x`` for ∂L/∂δ: ``(x[..., touched], touched, positions)``, or ``(x, None, None)``
-    when the weight itself wants a gradient or the touched columns would not take fewer bytes than ``x``."""
+    when the weight itself wants a gradient, the touched columns would not take fewer bytes than ``x``, or the
+    tensors are meta/fake (an upper bound for a traced estimate)."""
     d_in = x.shape[-1]
-    if need_weight:
+    if need_weight or any(t.device.type == "meta" or type(t).__name__ == "FakeTensor" for t in (x, index)):
+        # a traced step (the memory estimator's fake tensors) has no index values to find the columns from
         return x, None, None
     columns, position = touched_columns(index, d_in)
     tokens = x.numel() // d_in
