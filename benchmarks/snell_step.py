@@ -136,6 +136,9 @@ def _strided_parts(t) -> list[torch.Tensor]:
 class StoragePeak(TorchDispatchMode):
     """Bytes of tensor storages alive at once, counting only storages created inside the mode."""
 
+    handles_sparse_csr = True
+    """SNELL keeps its survivor-only gradient under this tracker (``kernelized.uses_survivor_grad``)."""
+
     def __init__(self, known: list[torch.Tensor]):
         super().__init__()
         self.seen = WeakIdKeyDictionary()

@@ -107,3 +107,23 @@ def test_auto_takes_the_survivor_path_only_where_it_applies():
     assert not uses_survivor_grad(auto, sparse, tau, torch.bfloat16, fp32)  # bf16 gradients stay dense
     with pytest.raises(ValueError, match="survivor_grad"):
         KernelConfig(survivor_grad="sometimes")
+
+
+def test_dispatch_mode_tracers_get_the_dense_path_unless_they_take_sparse_tensors():
+    """torch's MemTracker (the estimator's real trace) cannot read a sparse CSR tensor's storage: under a dispatch
+    mode the dense product runs, unless the mode declares ``handles_sparse_csr`` (the benchmark's tracker)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Plain(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class SparseAware(Plain):
+        handles_sparse_csr = True
+
+    cfg, spec, fp32 = KernelConfig(survivor_grad="always"), SliceSpec(0, 4, 0.9), torch.float32
+    assert uses_survivor_grad(cfg, spec, 0.1, fp32, fp32)
+    with Plain():
+        assert not uses_survivor_grad(cfg, spec, 0.1, fp32, fp32)
+    with SparseAware():
+        assert uses_survivor_grad(cfg, spec, 0.1, fp32, fp32)

@@ -470,12 +470,26 @@ def uses_survivor_grad(cfg: KernelConfig, spec: SliceSpec, tau, grad_dtype: torc
     Only a sparsified matrix (τ set) has survivors; the plain kernel (SNELL at s = 0) and dense MixK
     (threshold ``none``) need the whole Gᵀ·X. bf16/fp16 gradients keep the dense product: torch's sampled product
     runs in fp32/fp64 only, and the dense bf16 GEMM is already the fast one there. Meta and fake ``operand``s (the
-    memory estimator's traced step) keep it too: the survivors' count is data the trace does not have."""
+    memory estimator's traced step) keep it too: the survivors' count is data the trace does not have; so does a
+    step under a dispatch-mode tracker unless the mode says ``handles_sparse_csr = True``."""
     if tau is None or cfg.survivor_grad == "never" or grad_dtype != kernel_dtype:
         return False
     if operand is not None and (operand.device.type == "meta" or type(operand).__name__ == "FakeTensor"):
         return False
+    if any(not getattr(mode, "handles_sparse_csr", False) for mode in _dispatch_modes()):
+        return False  # a tracer (torch's MemTracker, the estimator) that cannot take the sampled product's CSR
     return cfg.survivor_grad == "always" or 1.0 - spec.sparsity <= SURVIVOR_MAX_DENSITY
+
+
+def _dispatch_modes() -> list:
+    """The active ``TorchDispatchMode``s (torch's private stack; none if this torch lacks it)."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    except ImportError:
+        return []
+    return list(_get_current_dispatch_mode_stack())
+
+
 
 
 def survivor_weight_grad(G_rows: torch.Tensor, X: torch.Tensor, magnitude: torch.Tensor,
