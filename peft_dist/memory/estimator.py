@@ -81,7 +81,10 @@ class EnginePlan:
     fsdp_mixed_precision: bool = False
     frozen_bf16: bool = False
     model_bf16: bool = False
-    """deepspeed bf16 mode: DeepSpeed casts the whole module (frozen and trainable) to bf16."""
+    """deepspeed bf16 mode (only when a ``dist.deepspeed_config`` file enables it): DeepSpeed casts the whole module
+    (frozen and trainable) to bf16."""
+    frozen_matrices_bf16: bool = False
+    """deepspeed with ``dist.frozen_dtype=bf16``: frozen Linear/Conv weights stored in bf16 (``cast_frozen_matrices``)."""
     activation_checkpointing: bool = False
     shard_backbone: bool = True
     reshard_after_forward: bool = True
@@ -115,8 +118,18 @@ def resolve_plan(cfg: RunConfig, world_size: int, target: str = "cuda") -> Engin
                 raise ConfigError("dist.frozen_dtype=bf16 needs bf16 compute (a CUDA target and train.precision "
                                   "auto or bf16); on CPU keep dist.frozen_dtype=fp32")
             plan.frozen_bf16 = True
-    elif engine == "deepspeed":
-        plan.model_bf16 = target == "cuda" and precision != "fp32"
+    elif engine == "deepspeed":  # DeepSpeedEngine: autocast over fp32 (or bf16-matrix) frozen weights
+        from peft_dist.engines.deepspeed_engine import deepspeed_config
+
+        if deepspeed_config(cfg, world_size, target == "cuda").get("bf16", {}).get("enabled"):
+            plan.model_bf16 = True
+        else:
+            plan.autocast_dtype = torch.bfloat16 if bf16 else None
+            if d.frozen_dtype == "bf16":
+                if not bf16:
+                    raise ConfigError("dist.frozen_dtype=bf16 needs bf16 compute under autocast (train.precision "
+                                      "bf16, or auto on a CUDA target)")
+                plan.frozen_matrices_bf16 = True
     else:
         plan.autocast_dtype = torch.bfloat16 if bf16 else None
     plan.activation_checkpointing = d.activation_checkpointing  # every engine applies it (Engine.__init__)
@@ -215,6 +228,10 @@ def apply_engine(model: nn.Module, plan: EnginePlan) -> None:
         method = getattr(model, "peft_method", None)
         apply_fsdp2(model, torch.device("cpu"), plan.shard_backbone, plan.reshard_after_forward,
                     plan.fsdp_mixed_precision, method.full_precision_parameters(model) if method else [])
+    elif plan.frozen_matrices_bf16:
+        from peft_dist.engines.deepspeed_engine import cast_frozen_matrices
+
+        cast_frozen_matrices(model, torch.bfloat16)
     elif plan.model_bf16:
         for p in model.parameters():
             if p.is_floating_point():
@@ -619,7 +636,9 @@ def _add_ddp_buckets(r: MemoryReport, plan: EnginePlan) -> None:
 
 def _deepspeed_trace_plan(plan: EnginePlan) -> EnginePlan:
     """DeepSpeed is traced as one plain process (its own buffers are modelled afterwards)."""
-    return EnginePlan(engine="single", world_size=1, target=plan.target, model_bf16=plan.model_bf16)
+    return EnginePlan(engine="single", world_size=1, target=plan.target, model_bf16=plan.model_bf16,
+                      autocast_dtype=plan.autocast_dtype, frozen_matrices_bf16=plan.frozen_matrices_bf16,
+                      activation_checkpointing=plan.activation_checkpointing)
 
 
 def _zero3_parameter_bytes(cfg: RunConfig, world: int, elem: int, threshold: int) -> tuple[int, int]:
