@@ -1,19 +1,21 @@
 """A real transfer study that runs on 2 CPU cores in minutes (issue 10).
 
 1. Pre-train a small ViT (4 blocks, 96 wide, 32x32 input, 8x8 patches) with full fine-tuning on scikit-learn's
-   handwritten digits 0-4, and save it as a local ``.safetensors`` checkpoint.
+   handwritten digits 0-4, as a local ``.safetensors`` checkpoint: the one ``make demo`` caches in
+   ``runs/digits-pretrained/`` (``--runs``), reused when its recipe matches, written there otherwise.
 2. Adapt that checkpoint to digits 5-9 with every method of the registry — linear probe and full fine-tuning
    included — over several seeds, through the real trainer and methods.
 3. Print the report table (top-1 mean ± std, trainable parameters, peak memory, images/s) and, last, one JSON line.
 
 The digits are real data (1,797 8x8 scans, upscaled); train/test is a stratified 80/20 split per half. With
-``--sampling exact`` (the default) each half is written as PNG shards (``peft-dist shards``, one shard per split)
-and trained through the real loader: every epoch a new permutation of all training images, the last batch short.
+``--sampling exact`` (the default) each half is the demo's PNG shards (``runs/digits-5to9-shards``, written by
+``peft-dist shards`` through the list source, one shard per split) and trained through the real loader: every
+epoch a new permutation of all training images, the last batch short.
 ``--sampling memory`` is the study as it ran before exact sampling: batches built in memory once, in one fixed
 order every epoch, the remainder dropped.
 
     .venv/bin/python benchmarks/transfer_digits.py            # the full study (3 seeds)
-    .venv/bin/python benchmarks/transfer_digits.py --quick    # 1 seed, 2 epochs: a smoke test
+    .venv/bin/python benchmarks/transfer_digits.py --quick    # 1 seed, 2 epochs (the cached backbone): a smoke test
 """
 from __future__ import annotations
 
@@ -64,28 +66,6 @@ def batches(x, y, bs, seed):
     order = torch.randperm(len(y), generator=g)
     x, y = x[order], y[order]
     return [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(y) - bs + 1, bs)]
-
-
-def write_half_shards(data, folder: Path) -> Path:
-    """One half's train and test images as 8-bit PNGs (the upscaled scans, as the loader will decode them), then
-    as one shard per split with ``peft-dist shards``; returns the shard directory."""
-    from PIL import Image
-
-    from peft_dist.data import write_shards
-
-    xtr, ytr, xte, yte = data
-    lists = []
-    for split, x, y in (("train", xtr, ytr), ("test", xte, yte)):
-        (folder / split).mkdir(parents=True, exist_ok=True)
-        lines = []
-        for i in range(len(y)):
-            pixels = ((x[i, 0] * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-            Image.fromarray(pixels).convert("RGB").save(folder / split / f"{i:04d}.png")
-            lines.append(f"{split}/{i:04d}.png {int(y[i])}")
-        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
-        lists.append(f"{split}={folder / f'{split}.txt'}")
-    write_shards("list:" + ",".join(lists), folder / "shards", shard_size=len(xtr) + len(xte), seed=0)
-    return folder / "shards"
 
 
 def run(method: str, options: dict, lr: float, data, out_dir: Path, checkpoint: Path | None, epochs: int,
@@ -140,33 +120,33 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--pretrain-epochs", type=int, default=15)
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="default: the demo's recipe (peft_dist.demo.PRETRAIN_RECIPE), so its cached backbone is reused")
+    p.add_argument("--runs", default=str(REPO / "runs"),
+                   help="runs directory holding the cached pre-trained backbone and digit shards (make demo's)")
     p.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
     p.add_argument("--out", default=None, help="keep the runs and report here (default: a temporary folder)")
-    p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 3 pre-training epochs")
+    p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")
     p.add_argument("--sampling", choices=["exact", "memory"], default="exact",
                    help="exact: PNG shards through the loader; memory: the fixed in-memory batches of before")
     a = p.parse_args(argv)
     if a.quick:
-        a.seeds, a.epochs, a.pretrain_epochs = 1, 2, 3
+        a.seeds, a.epochs = 1, 2
     torch.set_num_threads(2)
 
     import peft_dist
+    from peft_dist.data.digits import TRANSFER_DIGITS
+    from peft_dist.demo import PRETRAIN_RECIPE, digits_half_shards, pretrained_digits_backbone
     from peft_dist.report import read_run, write_report
 
     root = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="transfer-digits-"))
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    halves = digit_halves()
-    shards = {name: write_half_shards(data, root / f"{name}-data") if a.sampling == "exact" else None
-              for name, data in halves.items()}
-
-    pre = run("full", {}, 1e-3, halves["pretrain"], root / "pretrain", None, a.pretrain_epochs, 0, shards["pretrain"])
-    ckpt = root / "vit_digits04.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in pre["trainer"].model.state_dict().items()}, str(ckpt))
-    print(f"pre-trained on digits 0-4: top-1 {100 * pre['summary']['top1']:.1f} % -> {ckpt}", flush=True)
+    halves = digit_halves()  # in memory: the --sampling memory batches and SPT's sensitivity pass
+    shards = {"transfer": digits_half_shards(Path(a.runs).resolve(), TRANSFER_DIGITS) if a.sampling == "exact"
+              else None}
+    ckpt, pretrain = pretrained_digits_backbone(a.runs, epochs=a.pretrain_epochs or PRETRAIN_RECIPE["epochs"])
+    print(f"pre-trained on digits 0-4: top-1 {100 * pretrain['top1_digits_0to4']:.1f} % -> {ckpt}", flush=True)
 
     methods = a.methods or [m for m in peft_dist.method_names() if m in METHOD_OPTIONS]
     run_dirs = []
@@ -195,7 +175,7 @@ def main(argv=None) -> int:
     linear = figures.get("linear")
     result = {"top1_mean_by_method": figures,
               "methods_above_linear_probe": sorted(m for m, v in figures.items() if linear is not None and v > linear),
-              "pretrain_top1": round(100 * pre["summary"]["top1"], 2), "seeds": a.seeds, "epochs": a.epochs,
+              "pretrain_top1": round(100 * pretrain["top1_digits_0to4"], 2), "seeds": a.seeds, "epochs": a.epochs,
               "sampling": a.sampling,
               "wall_time_s": round(time.perf_counter() - start, 1)}
     print(json.dumps(result))

@@ -11,6 +11,7 @@ import io
 from dataclasses import dataclass
 
 DIGITS_CLASSES = [str(d) for d in range(10)]
+DIGITS_SAMPLES = 1797
 DIGITS_TEST_FRACTION = 0.2
 """The held-out share of the fixed stratified split: 1,437 train / 360 test samples."""
 
@@ -51,3 +52,37 @@ def digits_splits(seed: int = 0, size: int = 32) -> dict[str, list[DigitsSample]
                                            random_state=seed, shuffle=True)
     return {split: [DigitsSample(i, int(digits.target[i]), digit_png(digits.images[i], size)) for i in idx]
             for split, idx in (("train", train_idx), ("test", test_idx))}
+
+
+PRETRAIN_DIGITS = range(0, 5)
+TRANSFER_DIGITS = range(5, 10)
+"""The transfer setting of the demo and ``benchmarks/transfer_digits.py``: pre-train on 0-4, adapt to 5-9."""
+
+
+def digits_subset_splits(classes: range, seed: int = 0, size: int = 32) -> dict[str, list[DigitsSample]]:
+    """The samples of ``classes`` only, labels counted from 0 (digits 5-9 become 0-4). Taken from the stratified
+    split of all ten digits, so each half is itself stratified and the two halves never share an image."""
+    return {split: [DigitsSample(s.index, s.label - classes.start, s.png) for s in samples if s.label in classes]
+            for split, samples in digits_splits(seed, size).items()}
+
+
+def write_digits_subset_shards(out_dir, classes: range, seed: int = 0, size: int = 32) -> dict:
+    """``classes`` of the digits as webdataset shards in ``out_dir`` (one shard per split), through the ``list:``
+    source of ``peft-dist shards``: the PNGs and their list files stay beside the shards in ``_images``."""
+    from pathlib import Path
+
+    from peft_dist.data.shards import write_shards
+
+    out = Path(out_dir)
+    images = out / "_images"
+    lists = []
+    for split, samples in digits_subset_splits(classes, seed, size).items():
+        (images / split).mkdir(parents=True, exist_ok=True)
+        lines = []
+        for s in samples:
+            name = f"{split}/digits_{s.index:04d}.png"
+            (images / name).write_bytes(s.png)
+            lines.append(f"{name} {s.label}")
+        (images / f"{split}.txt").write_text("\n".join(lines) + "\n")
+        lists.append(f"{split}={images / f'{split}.txt'}")
+    return write_shards("list:" + ",".join(lists), out, shard_size=DIGITS_SAMPLES, seed=seed)  # one shard a split
