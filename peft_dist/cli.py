@@ -206,7 +206,8 @@ _OPTIONAL_SUBCOMMANDS = [  # (name, module, add-arguments, run, help, needs a lo
     ("study", "peft_dist.memory.study", "add_study_arguments", "run_study",
      "run a memory study over a grid: CSV, Markdown and plots", False),
     ("demo", "peft_dist.demo", "add_demo_arguments", "run_demo",
-     "the main job: digits shards -> 2-process LoRA run -> MLflow -> summary", False),
+     "the main job: pre-train on digits 0-4 (cached) -> SNELL on 5-9 under fsdp2, 2 processes -> memory, MLflow",
+     False),
 ]
 
 
