@@ -79,17 +79,9 @@ def test_merged_function_passes_gradcheck_with_a_trainable_weight_and_bias():
 
 
 def _saved_bytes(fn, exclude):
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    saved = {}
+    from test_spt import _activation_bytes
 
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in skip:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(saved.values())
+    return _activation_bytes(fn, exclude)
 
 
 def test_merged_lora_saves_only_the_input_and_no_more_than_plain_lora():

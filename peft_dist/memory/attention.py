@@ -3,19 +3,9 @@
 timm >= 0.9 computes ViT attention with ``F.scaled_dot_product_attention`` (SDPA): its flash / efficient kernels
 keep only the output and a log-sum-exp per query for backward. The official SNELL, SPT, ARC and HTA code vendor
 timm 0.5's ``Attention.forward``, which forms the B×H×N×N attention matrix explicitly and keeps it (the softmax
-output is saved for ``attn @ v``'s backward and for softmax's own):
-
-    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    attn = (q @ k.transpose(-2, -1)) * self.scale
-    attn = attn.softmax(dim=-1)
-    attn = self.attn_drop(attn)
-    x = (attn @ v).transpose(1, 2).reshape(B, N, C)
-    x = self.proj(x)
-    x = self.proj_drop(x)
-
-(``vision_transformer.py`` of timm 0.5.4, which SNELL's repository copies into its ``models/``). At batch 8 on
-ViT-B/16 that matrix is 8 × 12 × 197² × 4 B = 14.2 MiB per block. :func:`use_attention` swaps that forward into
+output is saved for ``attn @ v``'s backward and for softmax's own). :func:`explicit_attention_forward` is that
+forward, line for line (``vision_transformer.py`` of timm 0.5.4, which SNELL's repository copies into its
+``models/``). At batch 8 on ViT-B/16 that matrix is 8 × 12 × 197² × 4 B = 14.2 MiB per block. :func:`use_attention` swaps that forward into
 every timm ``Attention`` of a model (meta, fake or real); ``estimate(..., attention="explicit")`` traces with it.
 """
 from __future__ import annotations
