@@ -1,5 +1,5 @@
-"""Cooperative preemption (spec ecosystem.md §4): a signal only sets a flag; at the next step boundary the ranks
-agree through an all-reduce, every rank saves the same checkpoint, and the process exits with
+"""Cooperative preemption (spec ecosystem.md §4): a signal only sets a flag; the ranks agree on it in the step's
+all-reduce (``Trainer.agree_after_backward``), every rank saves the same checkpoint, and the process exits with
 :data:`REQUEUE_EXIT_CODE`, which the ``slurm/`` batch scripts turn into ``scontrol requeue``.
 
 SLURM sends ``SIGUSR1`` ahead of the time limit with ``#SBATCH --signal=USR1@90``; ``SIGTERM`` is what a preempting
@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import signal
 import threading
-
-import torch
-import torch.distributed as dist
 
 REQUEUE_EXIT_CODE = 75
 """EX_TEMPFAIL: "try again later" — the batch script requeues the job on exactly this status."""
@@ -54,11 +51,3 @@ class PreemptionFlag:
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 — signal handler signature
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank was signalled (one tiny all-reduce per step)."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return self.requested
-        flag = torch.tensor([1 if self.requested else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
