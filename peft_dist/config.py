@@ -165,6 +165,12 @@ class DistConfig:
     """fsdp2: shard every block's parameters over the ranks; false replicates them (DDP-like, for small models)."""
     reshard_after_forward: bool = True
     """fsdp2: free the all-gathered block weights after forward (re-gather in backward) to save memory."""
+    mesh: list[int] | None = None
+    """fsdp2: ``[replicate, shard]``, a 2-D device mesh (HSDP): parameters sharded within each group of ``shard``
+    consecutive ranks, replicated across the ``replicate`` groups; the product must be the world size. Ranks fill
+    the mesh row-major, so a group is ``shard`` consecutive ranks: with ``shard`` = GPUs per node each group is one
+    node, every block's all-gather stays inside it and only the adapters' gradients cross nodes (an all-reduce).
+    null: one dimension over every rank (``shard_backbone``)."""
     frozen_dtype: Literal["fp32", "bf16"] = "fp32"
     """fsdp2, deepspeed: storage dtype of the frozen backbone weights under bf16 compute (adapters always stay
     fp32); deepspeed stores only the Linear/Conv weights in bf16."""
@@ -183,8 +189,24 @@ class DistConfig:
             raise ConfigError(f"dist.engine: unknown engine {self.engine!r}; allowed: {', '.join(engine_names())}")
         _check_range("dist.timeout_s", self.timeout_s, low=1)
         check_choice("dist.zero_stage", self.zero_stage, (1, 2, 3))
+        if self.mesh is not None:
+            self._check_mesh()
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
             raise ConfigError(f"dist.deepspeed_config: file not found: {self.deepspeed_config}")
+
+    def _check_mesh(self) -> None:
+        """What can be checked before the world size is known (the product is checked where it is: the engine, the
+        dry run, the estimator)."""
+        if len(self.mesh) != 2 or any(n < 1 for n in self.mesh):
+            raise ConfigError(f"dist.mesh: got {self.mesh!r}; allowed: null or [replicate, shard], two positive "
+                              "integers, e.g. [2, 8] for 2 nodes of 8 GPUs")
+        if self.engine != "fsdp2":
+            raise ConfigError(f"dist.mesh: got {self.mesh!r} with dist.engine={self.engine}; allowed: null, or a "
+                              "[replicate, shard] mesh with dist.engine=fsdp2")
+        if not self.shard_backbone and self.mesh[1] != 1:
+            raise ConfigError(f"dist.mesh: got {self.mesh!r} with dist.shard_backbone=false (replicate every "
+                              f"parameter); allowed: a shard size of 1, e.g. [{self.mesh[0] * self.mesh[1]}, 1], or "
+                              "dist.shard_backbone=true")
 
 
 @dataclass
