@@ -7,21 +7,37 @@ afterwards from the (now DTensor) trainable parameters only, so Adam state exist
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from peft_dist.config import ConfigError
 from peft_dist.engines.engine import Engine
 
 
-def _mesh(device: torch.device, shard: bool):
+def mesh_shape(world: int, shard: bool, mesh: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The device mesh's shape: ``dist.mesh`` as ``(replicate, shard)`` when given (HSDP), else ``(world,)`` (shard
+    over every rank) or ``(world, 1)`` (replicate: a 2-D mesh with shard size 1 makes fully_shard behave like
+    DDP)."""
+    if mesh is None:
+        return (world,) if shard else (world, 1)
+    replicate, shards = mesh
+    if replicate * shards != world:
+        example = f"[{world // shards}, {shards}]" if world % shards == 0 else f"[1, {world}]"
+        raise ConfigError(f"dist.mesh: got {list(mesh)} ({replicate * shards} ranks) for a world size of {world}; "
+                          f"allowed: [replicate, shard] whose product is {world}, e.g. {example}")
+    return replicate, shards
+
+
+def _mesh(device: torch.device, shape: tuple[int, ...]):
+    """init_device_mesh lays ranks out row-major: shard group i of a (R, S) mesh is ranks i*S .. i*S+S-1, so with
+    S = ranks per node (torchrun and SLURM number a node's ranks consecutively) every shard group is one node."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    world = dist.get_world_size()
-    if shard:
-        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
-    # replicate: a 2-D (replicate, shard=1) mesh makes fully_shard behave like DDP (HSDP with shard size 1)
-    return init_device_mesh(device.type, (world, 1), mesh_dim_names=("replicate", "shard"))
+    names = ("shard",) if len(shape) == 1 else ("replicate", "shard")
+    return init_device_mesh(device.type, shape, mesh_dim_names=names)
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
@@ -98,12 +114,14 @@ def shard_full_precision_owners(model: nn.Module, full_precision: list[nn.Parame
 
 def apply_fsdp2(model: nn.Module, device: torch.device, shard: bool, reshard_after_forward: bool,
                 mixed_precision: bool, full_precision: list[nn.Parameter] = (),
-                full_precision_strategy: str = "auto") -> nn.Module:
+                full_precision_strategy: str = "auto", mesh_dims: Sequence[int] | None = None) -> nn.Module:
     """``full_precision``: parameters gathered in their own dtype under the bf16 policy (SNELL's kernel factors);
-    ``full_precision_strategy`` says how (see ``resolve_full_precision_strategy``)."""
+    ``full_precision_strategy`` says how (see ``resolve_full_precision_strategy``). ``mesh_dims``: ``dist.mesh``
+    (``[replicate, shard]``, HSDP: a 2-D mesh makes fully_shard shard within a group and replicate across groups,
+    gradients reduce-scattered within a group and all-reduced across groups); None: see ``mesh_shape``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = _mesh(device, shard)
+    mesh = _mesh(device, mesh_shape(dist.get_world_size(), shard, mesh_dims))
     place = balanced_placement(mesh["shard"].size())
     policy = MixedPrecisionPolicy()
     if mixed_precision:
@@ -140,7 +158,7 @@ class FSDP2Engine(Engine):
             cast_frozen(model, torch.bfloat16)
         self.autocast_dtype = None  # FSDP2's policy casts parameters; autocast would double-cast
         return apply_fsdp2(model, self.device, d.shard_backbone, d.reshard_after_forward, mixed,
-                           self.method.full_precision_parameters(model))
+                           self.method.full_precision_parameters(model), mesh_dims=d.mesh)
 
     def autocast(self):
         import contextlib
