@@ -63,10 +63,12 @@ def dry_run(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 
             if d.frozen_dtype == "bf16":
                 cast_frozen(model, torch.bfloat16)
-            apply_fsdp2(model, torch.device("cpu"), d.shard_backbone, d.reshard_after_forward, mixed_precision=False)
+            apply_fsdp2(model, torch.device("cpu"), d.shard_backbone, d.reshard_after_forward, mixed_precision=False,
+                        mesh_dims=d.mesh)
         ranks = [rank_bytes(model, engine, d.zero_stage, world_size, r) for r in range(world_size)]
         report = {
             "model": cfg.model.name, "method": cfg.method.name, "engine": engine, "world_size": world_size,
+            "mesh": list(d.mesh) if engine == "fsdp2" and d.mesh else None,
             **counts,
             "per_rank_bytes": max(ranks, key=lambda b: b["total_static"]),  # the rank that must fit
             "ranks": ranks,
@@ -138,8 +140,10 @@ def _estimate_activations(cfg: RunConfig, world_size: int) -> dict[str, Any] | N
 
 def format_report(r: dict[str, Any]) -> str:
     mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
+    mesh = r.get("mesh")
+    layout = f" as {mesh[0]} replicas x {mesh[1]} shards (HSDP mesh)" if mesh else ""
     lines = [
-        f"dry run: {r['model']} + {r['method']} under {r['engine']}, world size {r['world_size']} "
+        f"dry run: {r['model']} + {r['method']} under {r['engine']}, world size {r['world_size']}{layout} "
         f"(fake process group, meta weights; {r['seconds']:.1f} s)",
         f"trainable parameters: {r['trainable_params']:,} ({r['trainable_params_without_head']:,} without the "
         f"head); frozen: {r['frozen_params']:,}",

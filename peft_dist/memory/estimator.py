@@ -88,6 +88,8 @@ class EnginePlan:
     activation_checkpointing: bool = False
     shard_backbone: bool = True
     reshard_after_forward: bool = True
+    mesh: tuple[int, int] | None = None
+    """fsdp2's ``dist.mesh`` (replicate, shard): per-rank state is divided by the shard size, not the world size."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -110,6 +112,10 @@ def resolve_plan(cfg: RunConfig, world_size: int, target: str = "cuda") -> Engin
         raise ConfigError(f"dist.engine=single but --world-size {world_size}; use dist.engine=ddp or fsdp2")
     plan = EnginePlan(engine=engine, world_size=world_size, target=target, shard_backbone=d.shard_backbone,
                       reshard_after_forward=d.reshard_after_forward)
+    if engine == "fsdp2" and d.mesh is not None:
+        from peft_dist.engines.fsdp2 import mesh_shape
+
+        plan.mesh = mesh_shape(world_size, d.shard_backbone, d.mesh)  # refuses a product other than world_size
     bf16 = precision == "bf16" or (precision == "auto" and target == "cuda")
     if engine == "fsdp2":
         plan.fsdp_mixed_precision = target == "cuda" and precision != "fp32"
@@ -227,7 +233,8 @@ def apply_engine(model: nn.Module, plan: EnginePlan) -> None:
             cast_frozen(model, torch.bfloat16)
         method = getattr(model, "peft_method", None)
         apply_fsdp2(model, torch.device("cpu"), plan.shard_backbone, plan.reshard_after_forward,
-                    plan.fsdp_mixed_precision, method.full_precision_parameters(model) if method else [])
+                    plan.fsdp_mixed_precision, method.full_precision_parameters(model) if method else [],
+                    mesh_dims=plan.mesh)
     elif plan.frozen_matrices_bf16:
         from peft_dist.engines.deepspeed_engine import cast_frozen_matrices
 
@@ -743,8 +750,9 @@ def run_memory(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, ["data.source=synthetic", "tracking.enabled=false", *(args.overrides or [])])
     report = estimate(cfg, args.world_size, device=args.device, extrapolate=not args.no_extrapolate)
     plan = resolve_plan(cfg, args.world_size, args.device)
+    mesh = f" as {plan.mesh[0]} replicas x {plan.mesh[1]} shards" if plan.mesh else ""
     print(f"estimated memory: {cfg.model.name} + {cfg.method.name}, engine {cfg.dist.engine}, world "
-          f"{args.world_size}, batch {cfg.data.batch_size} per rank, {compute_dtype_name(plan)}, activation "
+          f"{args.world_size}{mesh}, batch {cfg.data.batch_size} per rank, {compute_dtype_name(plan)}, activation "
           f"checkpointing {'on' if plan.activation_checkpointing else 'off'}, target {args.device}")
     print(format_memory_table([report]))
     if report.peak_breakdown_bytes:
