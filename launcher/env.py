@@ -2,8 +2,14 @@
 
 Precedence: torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...; also what
 ``peft-dist launch`` and srun+torchrun set) win; otherwise an ``srun`` task is read from SLURM's variables
-(``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``, the first host of ``SLURM_JOB_NODELIST`` — expanded here,
-no ``scontrol`` needed — and a port derived from the job id); otherwise it is a single process.
+(``SLURM_PROCID``, ``SLURM_LOCALID``, the step's task count and tasks on this node, the first host of the step's
+node list — expanded here, no ``scontrol`` needed — and a port derived from the job id); otherwise it is a single
+process.
+
+The batch script itself also carries ``SLURM_PROCID=0`` and the job's ``SLURM_NTASKS``, but it is no srun task: only
+a job step has ``SLURM_STEP_ID`` (``SLURM_STEPID`` before 21.08), and the batch step (``batch``, 4294967294) and the
+extern step (``extern``, 4294967295) are not task steps. Such a process runs as a single process; taking it for
+rank 0 of ``SLURM_NTASKS`` would wait for ranks that never start.
 """
 from __future__ import annotations
 
@@ -66,9 +72,20 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     environ = os.environ if environ is None else environ
     if "RANK" in environ or "WORLD_SIZE" in environ:
         return _from_torchrun(environ)
-    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and in_srun_step(environ):
         return _from_slurm(environ)
     return DistEnv()
+
+
+NON_TASK_STEPS = ("batch", "extern", "interactive", "4294967294", "4294967295", "4294967293")
+"""SLURM's special step ids (``SLURM_BATCH_SCRIPT``, ``SLURM_EXTERN_CONT``, ``SLURM_INTERACTIVE_STEP``), by name or
+number, as they appear in ``SLURM_STEP_ID``."""
+
+
+def in_srun_step(environ: Mapping[str, str]) -> bool:
+    """Whether this process is a task of an ``srun`` job step (not the batch script or an ``salloc`` shell)."""
+    step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID"))
+    return step is not None and step.strip() != "" and step.strip() not in NON_TASK_STEPS
 
 
 def _from_torchrun(environ: Mapping[str, str]) -> DistEnv:
@@ -82,17 +99,20 @@ def _from_torchrun(environ: Mapping[str, str]) -> DistEnv:
 
 
 def _from_slurm(environ: Mapping[str, str]) -> DistEnv:
-    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
-    if not nodelist:
+    # the step's own variables first: an srun of fewer tasks or nodes than the allocation is its own world
+    nodelist_var = next((k for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                         if environ.get(k)), None)
+    if nodelist_var is None:
         raise EnvError("SLURM_JOB_NODELIST is not set (needed for the master address of an srun task)")
-    hosts = expand_hostlist(nodelist)
+    hosts = expand_hostlist(environ[nodelist_var])
+    world_var = "SLURM_STEP_NUM_TASKS" if environ.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
     job_id = _int(environ, "SLURM_JOB_ID", 0)
     port = _int(environ, "MASTER_PORT", port_from_job_id(job_id))
-    env = DistEnv(rank=_int(environ, "SLURM_PROCID"), world_size=_int(environ, "SLURM_NTASKS"),
+    env = DistEnv(rank=_int(environ, "SLURM_PROCID"), world_size=_int(environ, world_var),
                   local_rank=_int(environ, "SLURM_LOCALID", 0),
-                  local_world_size=tasks_on_first_node(environ),
+                  local_world_size=tasks_on_this_node(environ),
                   master_addr=environ.get("MASTER_ADDR", hosts[0]), master_port=port, source="slurm")
-    return _check(env, ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_PORT"))
+    return _check(env, ("SLURM_PROCID", world_var, "SLURM_LOCALID", "MASTER_PORT"))
 
 
 def port_from_job_id(job_id: int) -> int:
@@ -100,15 +120,30 @@ def port_from_job_id(job_id: int) -> int:
     return 20000 + job_id % 20000
 
 
-def tasks_on_first_node(environ: Mapping[str, str]) -> int:
-    """Tasks per node from ``SLURM_TASKS_PER_NODE`` (``"2(x3),1"``) or ``SLURM_NTASKS_PER_NODE``."""
-    raw = environ.get("SLURM_TASKS_PER_NODE") or environ.get("SLURM_NTASKS_PER_NODE")
-    if not raw:
+def tasks_on_this_node(environ: Mapping[str, str]) -> int:
+    """This node's task count: entry ``SLURM_NODEID`` of ``SLURM_STEP_TASKS_PER_NODE`` / ``SLURM_TASKS_PER_NODE``
+    (``"2(x3),1"``: nodes 0-2 run 2 tasks, node 3 runs 1), or ``SLURM_NTASKS_PER_NODE``."""
+    var = next((k for k in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
+                if environ.get(k)), None)
+    if var is None:
         return _int(environ, "SLURM_NTASKS")
-    m = re.match(r"^(\d+)", raw)
-    if not m:
-        raise EnvError(f"SLURM_TASKS_PER_NODE={raw!r}: expected e.g. '4' or '4(x2)'")
-    return int(m.group(1))
+    per_node = expand_tasks_per_node(environ[var], var)
+    node = _int(environ, "SLURM_NODEID", 0)
+    if not 0 <= node < len(per_node):
+        raise EnvError(f"SLURM_NODEID={node}: must be in [0, {len(per_node)}), the nodes listed in {var}="
+                       f"{environ[var]!r}")
+    return per_node[node]
+
+
+def expand_tasks_per_node(raw: str, var: str = "SLURM_TASKS_PER_NODE") -> list[int]:
+    """``"2(x3),1"`` → [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for item in raw.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if not m:
+            raise EnvError(f"{var}={raw!r}: expected e.g. '4', '4(x2)' or '2(x3),1'")
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return counts
 
 
 def expand_hostlist(spec: str) -> list[str]:
