@@ -176,6 +176,10 @@ class DistConfig:
     fp32); deepspeed stores only the Linear/Conv weights in bf16."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (non-reentrant checkpointing)."""
+    init: Literal["sharded", "full"] = "sharded"
+    """fsdp2, deepspeed ZeRO-3: ``sharded`` builds the backbone on the meta device, shards it, then fills each rank's
+    shards only, tensor by tensor, with the values the plain build gives (``peft_dist.models.materialize``); ``full``
+    builds and loads the whole model on every rank first. ZeRO-1/2 and the other engines always build in full."""
     # --- deepspeed
     zero_stage: int = 2
     """deepspeed: ZeRO stage 1, 2 or 3."""
