@@ -1,10 +1,21 @@
 """Cooperative preemption (spec ecosystem.md §4): a signal only sets a flag; the ranks agree on it in the step's
-all-reduce (``Trainer.agree_after_backward``), every rank saves the same checkpoint, and the process exits with
-:data:`REQUEUE_EXIT_CODE`, which the ``slurm/`` batch scripts turn into ``scontrol requeue``.
+all-reduce (``Trainer.agree_after_backward``), every rank saves the same checkpoint, and the process exits.
 
-SLURM sends ``SIGUSR1`` ahead of the time limit with ``#SBATCH --signal=USR1@90``; ``SIGTERM`` is what a preempting
-scheduler (or ``scancel``) sends. Under ``srun`` every task gets the signal; under torchrun add
-``--signals-to-handle=SIGTERM,SIGINT,SIGUSR1``.
+Which signal means what, on SLURM:
+
+- ``SIGUSR1`` — *requeue*. ``#SBATCH --signal=USR1@90`` sends it to the job's steps 90 s before the time limit; with
+  ``SlurmctldParameters=preempt_send_user_signal`` SLURM also sends it when a job is preempted, at the start of its
+  ``GraceTime``; ``scancel --signal=USR1 JOB`` sends it by hand. The process checkpoints, rank 0 writes
+  :data:`PREEMPTED_MARKER` (before the last barrier, so no rank exits first and gets rank 0 killed by
+  ``srun --kill-on-bad-exit``), and it exits with :data:`REQUEUE_EXIT_CODE`; the ``slurm/`` batch scripts turn either
+  into ``scontrol requeue``.
+- ``SIGTERM`` — *stop*. ``scancel JOB`` sends it (then SIGKILL after ``KillWait``), and so does a preemption with
+  ``PreemptMode=REQUEUE`` or ``CANCEL`` at the end of ``GraceTime``: SLURM requeues a preempted job itself, and a
+  cancelled job must stay cancelled. The process checkpoints (the requeued job resumes from it) and exits with
+  :data:`STOP_EXIT_CODE`, writing no marker, so the batch script does not requeue.
+
+Under ``srun`` every task gets the signal; under torchrun add ``--signals-to-handle=SIGTERM,SIGINT,SIGUSR1``.
+DataLoader workers ignore ``SIGUSR1`` (:func:`ignore_in_worker`): only the training process acts on it.
 """
 from __future__ import annotations
 
@@ -13,9 +24,14 @@ import threading
 
 REQUEUE_EXIT_CODE = 75
 """EX_TEMPFAIL: "try again later" — the batch script requeues the job on exactly this status."""
-DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_EXIT_CODE = 128 + signal.SIGTERM
+"""What a shell reports for a process ended by SIGTERM; the batch script does not requeue on it."""
+REQUEUE_SIGNALS = (signal.SIGUSR1,)
+STOP_SIGNALS = (signal.SIGTERM,)
+DEFAULT_SIGNALS = REQUEUE_SIGNALS + STOP_SIGNALS
 PREEMPTED_MARKER = "preempted.json"
-"""Written into train.out_dir by rank 0 next to the checkpoint; removed when a run starts."""
+"""Written into train.out_dir by rank 0 next to the checkpoint; removed by the batch script before srun and when a
+run starts training."""
 
 
 class Preempted(SystemExit):
@@ -26,9 +42,20 @@ class Preempted(SystemExit):
         self.step = step
 
 
+class Stopped(SystemExit):
+    """Raised after a stop signal's checkpoint is written; exits with STOP_EXIT_CODE (no requeue)."""
+
+    def __init__(self, step: int):
+        super().__init__(STOP_EXIT_CODE)
+        self.step = step
+
+
 class PreemptionFlag:
     def __init__(self) -> None:
         self.requested = False
+        """A requeue signal (SIGUSR1) arrived."""
+        self.stop_requested = False
+        """A stop signal (SIGTERM) arrived."""
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
 
@@ -49,5 +76,16 @@ class PreemptionFlag:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 — signal handler signature
-        self.requested = True
+        if signum in STOP_SIGNALS:
+            self.stop_requested = True
+        else:
+            self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+
+def ignore_in_worker(worker_id: int) -> None:  # noqa: ARG001 — DataLoader's worker_init_fn signature
+    """DataLoader ``worker_init_fn``: a worker started by fork would run the trainer's handler on a copy of its flag,
+    one started by spawn would die of SIGUSR1's default action and fail the epoch; SLURM signals every process of
+    the step, so the worker ignores it and leaves the decision to the training process."""
+    for sig in REQUEUE_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -11,13 +11,19 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from launcher.env import EnvError
-from peft_dist.config import ConfigError
-from peft_dist.data.info import DataError
-from peft_dist.methods.base import MergeError
-from peft_dist.models.backbone import CheckpointError, check_model_config
-from peft_dist.tasks import TaskError
-from peft_dist.train.errors import Diverged
+from launcher.preemption import PreemptionFlag
+
+# `python -m peft_dist.cli` (torchrun's workers, the multi-node template): SLURM's signals are caught from the first
+# line, before the imports below take seconds; the `peft-dist` script installs the same flag first thing in main()
+STARTUP_PREEMPTION = PreemptionFlag().install() if __name__ == "__main__" else None
+
+from launcher.env import EnvError  # noqa: E402 — after the handler, on purpose
+from peft_dist.config import ConfigError  # noqa: E402
+from peft_dist.data.info import DataError  # noqa: E402
+from peft_dist.methods.base import MergeError  # noqa: E402
+from peft_dist.models.backbone import CheckpointError, check_model_config  # noqa: E402
+from peft_dist.tasks import TaskError  # noqa: E402
+from peft_dist.train.errors import Diverged  # noqa: E402
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, MergeError, FileNotFoundError,
                                                 DataError, TaskError, EnvError, Diverged)
@@ -56,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # data.global_batch_size: the per-rank batch and grad_accum follow from this launch's world size (torchrun's
     # or srun's variables), checked before any process group starts
     resolve_global_batch(cfg, launched.world_size)
-    env, summary = _run_distributed(cfg, lambda env, device: train(cfg, env, device))
+    env, summary = _run_distributed(cfg, lambda env, device: train(cfg, env, device, preemption=args.preemption))
     if env.is_main:
         print_summary(summary, cfg.train.out_dir)
     return 0
@@ -238,12 +244,20 @@ def _with_config(fn: Callable) -> Callable:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # a SLURM signal while the process starts, trains, runs the final evaluation or writes the summary is the
+    # trainer's to act on (launcher/preemption.py); other commands keep the default actions
+    preemption = STARTUP_PREEMPTION or PreemptionFlag().install()
     try:
+        args = build_parser().parse_args(argv)
+        if args.command != "train" or args.dry_run:
+            preemption.uninstall()
+        args.preemption = preemption
         return int(args.func(args) or 0)
     except USER_ERRORS as e:
         print(f"peft-dist: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        preemption.uninstall()
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from launcher.preemption import ignore_in_worker
 from peft_dist.data.indexed import IndexedSplit
 from peft_dist.data.info import CorruptSampleError, DataError, DatasetInfo, read_info
 from peft_dist.data.transforms import KEPT_MEMBERS, build_transform, decode_sample
@@ -448,8 +449,8 @@ class TrainLoader:
         # generator: DataLoader otherwise draws its workers' base seed from the caller's global torch RNG.
         private = torch.Generator().manual_seed(derive_seed("loader", stream.seed))
         self.loader = wds.WebLoader(CarryDataErrors(stream), batch_size=None, num_workers=num_workers,
-                                    persistent_workers=False, shuffle=False,
-                                    generator=private).with_epoch(self.batches_per_epoch)
+                                    persistent_workers=False, shuffle=False, generator=private,
+                                    worker_init_fn=ignore_in_worker).with_epoch(self.batches_per_epoch)
 
     @property
     def epoch(self) -> int:
@@ -491,7 +492,8 @@ class EvalLoader:
         self.num_batches = sum(math.ceil((stop - start) / stream.batch_size) for start, stop in ranges)
         """Batches of this rank when no sample is skipped."""
         self.loader = wds.WebLoader(CarryDataErrors(stream), batch_size=None, num_workers=num_workers,
-                                    persistent_workers=False, shuffle=False, generator=torch.Generator().manual_seed(0))
+                                    persistent_workers=False, shuffle=False, generator=torch.Generator().manual_seed(0),
+                                    worker_init_fn=ignore_in_worker)
 
     def __iter__(self) -> Iterator[Batch]:
         return raise_worker_failures(iter(self.loader))

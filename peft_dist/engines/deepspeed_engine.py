@@ -15,6 +15,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -101,6 +102,13 @@ def register_adapter_parameters(model: nn.Module) -> None:
                 deepspeed.zero.register_external_parameter(module, p)
 
 
+def device_rank(device: torch.device) -> int:
+    """The accelerator index DeepSpeed should use (``args.device_rank``, read before LOCAL_RANK): the device
+    ``pick_device`` chose, so a task whose local rank exceeds the GPUs it sees still lands on its own GPU. The CPU
+    accelerator ignores the index (any value >= 0 keeps DeepSpeed's multi-rank set-up)."""
+    return device.index if device.type == "cuda" and device.index is not None else 0
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -116,10 +124,9 @@ class DeepSpeedEngine(Engine):
 
             raise ConfigError("train.on_nonfinite=skip is not available with dist.engine=deepspeed (DeepSpeed "
                               "applies the step itself); use train.on_nonfinite=stop")
-        # DeepSpeed reads its device from LOCAL_RANK, which srun (and a plain one-process run) does not set: give it
-        # the device this process already picked, so both agree
-        os.environ["LOCAL_RANK"] = str(device.index if device.type == "cuda" and device.index is not None
-                                       else env.local_rank)
+        # DeepSpeed asserts on LOCAL_RANK (init_process_group sets it; a Trainer built directly may not have) and
+        # takes it for the GPU index unless told the device: it gets the one this process picked (device_rank)
+        os.environ["LOCAL_RANK"] = str(env.local_rank)
         _ensure_process_group()
         super().__init__(model, method, cfg, env, device, total_steps, warmup_steps)
         self.group_fqns = self.param_group_fqns()  # before DeepSpeed replaces the groups' parameters by flat ones
@@ -140,8 +147,8 @@ class DeepSpeedEngine(Engine):
                                   "or auto on a GPU with bf16, and no bf16 section in dist.deepspeed_config)")
             cast_frozen_matrices(self.module, self.autocast_dtype)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.module, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_cfg,
-            dist_init_required=False)
+            args=SimpleNamespace(device_rank=device_rank(device)), model=self.module, optimizer=self.optimizer,
+            lr_scheduler=self.scheduler, config=ds_cfg, dist_init_required=False)
         if self.zero_stage == 3:
             register_adapter_parameters(self.module)
         self.reads_gradients = type(method).on_step_end is not Method.on_step_end

@@ -11,6 +11,8 @@ from launcher.env import DistEnv
 
 
 def pick_device(env: DistEnv) -> torch.device:
+    """This rank's device, the one every engine uses (DeepSpeed is handed it: ``deepspeed_engine.device_rank``): the
+    local rank modulo the GPUs the process sees (with ``srun --gpus-per-task=1`` each task sees one GPU, index 0)."""
     if torch.cuda.is_available():
         index = env.local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
@@ -20,6 +22,9 @@ def pick_device(env: DistEnv) -> torch.device:
 
 def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: int = 600) -> torch.device:
     """Start the default process group when the environment has more than one rank; returns this rank's device."""
+    # torchrun's contract for the libraries that read it (DeepSpeed asserts on it): an srun task's SLURM_LOCALID,
+    # 0 in a single process
+    os.environ["LOCAL_RANK"] = str(env.local_rank)
     device = pick_device(env)
     if env.distributed and not dist.is_initialized():
         if backend == "auto":

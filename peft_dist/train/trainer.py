@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from launcher.env import DistEnv
-from launcher.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Preempted, PreemptionFlag
+from launcher.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, STOP_EXIT_CODE, Preempted, PreemptionFlag, \
+    Stopped
 from peft_dist.config import ConfigError, RunConfig, resolve_global_batch
 from peft_dist.engines import parallelize
 from peft_dist.engines.process_group import all_reduce_sum, distinct_over_ranks
@@ -113,14 +114,22 @@ def remove_run_files(paths: list[Path]) -> None:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv, device: torch.device,
-                 train_loader: Iterable | None = None, eval_loader: Iterable | None = None):
-        # from the first moment a SLURM signal is a request to requeue (its default action would kill the job)
-        self.preemption = PreemptionFlag().install()
+                 train_loader: Iterable | None = None, eval_loader: Iterable | None = None,
+                 preemption: PreemptionFlag | None = None):
+        # from the first moment a SLURM signal is a request to requeue (its default action would kill the job); the
+        # CLI hands in the flag it installed when the process started and removes it when the process ends
+        self.owns_preemption = preemption is None
+        self.preemption = PreemptionFlag().install() if preemption is None else preemption
+        self.stop_agreed = False  # set with the step's flags: a rank got SIGTERM (stop, no requeue)
         try:
             self.set_up(cfg, env, device, train_loader, eval_loader)
         except BaseException:
-            self.preemption.uninstall()
+            self.release_preemption()
             raise
+
+    def release_preemption(self) -> None:
+        if self.owns_preemption:
+            self.preemption.uninstall()
 
     def set_up(self, cfg: RunConfig, env: DistEnv, device: torch.device, train_loader: Iterable | None,
                eval_loader: Iterable | None) -> None:
@@ -271,7 +280,7 @@ class Trainer:
                                       "top1": top1})
             return self.finish(top1, train_time)
         finally:
-            self.preemption.uninstall()
+            self.release_preemption()
             bar.close()
             if metrics_file:
                 metrics_file.close()
@@ -281,20 +290,29 @@ class Trainer:
         rank 0's clock alone decides the timed checkpoint (ranks' clocks drift)."""
         due = self.env.is_main and self.save_interval_s > 0 and \
             time.monotonic() - self.last_save_time >= self.save_interval_s
-        preempted, due_sum = all_reduce_sum([1.0 if self.preemption.requested else 0.0, 1.0 if due else 0.0],
-                                            self.device)
-        return preempted > 0, due_sum > 0
+        requeue, stop, due_sum = all_reduce_sum([float(self.preemption.requested),
+                                                 float(self.preemption.stop_requested), float(due)], self.device)
+        self.stop_agreed = stop > 0
+        return requeue > 0 or stop > 0, due_sum > 0
 
     def exit_for_requeue(self, step: int, save: bool) -> None:
+        """After an agreed signal: checkpoint, then exit for requeue (SIGUSR1) or, when any rank got SIGTERM
+        (scancel; SLURM requeues a preempted job itself), stop without a marker (launcher/preemption.py)."""
         if save:
             self.save(step)
+        stop = self.stop_agreed
         if self.env.is_main:
-            # torchrun reports any worker exit as 1, so leave a marker the batch script can see too
-            atomic_write_text(self.out_dir / PREEMPTED_MARKER, json.dumps({"step": step}) + "\n")
-            print(f"preempted ({self.preemption.signal_name or 'another rank'}): checkpoint at step {step} "
-                  f"{'written' if save else 'kept'}; exiting with status {REQUEUE_EXIT_CODE} for requeue", flush=True)
-        self.tracker.set_tags({"preempted_at_step": str(step)})
-        raise Preempted(step)
+            if not stop:  # torchrun reports any worker exit as 1, so leave a marker the batch script can see too
+                atomic_write_text(self.out_dir / PREEMPTED_MARKER, json.dumps({"step": step}) + "\n")
+            what = f"exiting with status {STOP_EXIT_CODE}, not requeued" if stop else \
+                f"exiting with status {REQUEUE_EXIT_CODE} for requeue"
+            print(f"{'stopped' if stop else 'preempted'} ({self.preemption.signal_name or 'another rank'}): "
+                  f"checkpoint at step {step} {'written' if save else 'kept'}; {what}", flush=True)
+        # the marker is on disk before any rank exits: srun --kill-on-bad-exit would kill rank 0 mid-write
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        self.tracker.set_tags({"stopped_at_step" if stop else "preempted_at_step": str(step)})
+        raise Stopped(step) if stop else Preempted(step)
 
     def eval_due(self, steps_done: int) -> bool:
         """Evaluate at an epoch end. ``standard``: after every ``eval_every_epochs`` completed epochs. ``paper``:
@@ -371,11 +389,13 @@ class Trainer:
             time.monotonic() - self.last_save_time >= self.save_interval_s
         flags = torch.stack([(~finite).to(torch.float32),
                              torch.tensor(float(self.preemption.requested), device=self.device),
+                             torch.tensor(float(self.preemption.stop_requested), device=self.device),
                              torch.tensor(float(due), device=self.device)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags)
-        bad, preempted, save_due = flags.tolist()
-        self.step_flags = (preempted > 0, save_due > 0)
+        bad, requeue, stop, save_due = flags.tolist()
+        self.step_flags = (requeue > 0 or stop > 0, save_due > 0)
+        self.stop_agreed = stop > 0
         return int(bad)
 
     def may_apply(self, step: int, loss: float, grad_norm: float | None, bad: int) -> bool:
@@ -507,11 +527,12 @@ class Trainer:
         return [MemoryReport(**d) for d in gathered]
 
 
-def train(cfg: RunConfig, env: DistEnv, device: torch.device, train_loader=None, eval_loader=None) -> dict:
-    trainer = Trainer(cfg, env, device, train_loader, eval_loader)
+def train(cfg: RunConfig, env: DistEnv, device: torch.device, train_loader=None, eval_loader=None,
+          preemption: PreemptionFlag | None = None) -> dict:
+    trainer = Trainer(cfg, env, device, train_loader, eval_loader, preemption)
     try:
         return trainer.fit()
-    except Preempted:
+    except (Preempted, Stopped):
         trainer.tracker.finish("KILLED")
         raise
     except Diverged as e:
