@@ -14,6 +14,7 @@ from torch import nn
 
 from launcher.env import DistEnv
 from peft_dist.config import RunConfig
+from peft_dist.models.materialize import is_deferred
 
 
 class Engine:
@@ -23,7 +24,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, method, cfg: RunConfig, env: DistEnv, device: torch.device,
                  total_steps: int, warmup_steps: int):
-        self.module = model.to(device)  # the plain (adapter-injected) model
+        # the plain (adapter-injected) model; one built on meta is materialized by its engine after sharding
+        self.module = model if is_deferred(model) else model.to(device)
         self.method = method
         self.cfg = cfg
         self.env = env

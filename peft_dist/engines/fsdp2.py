@@ -15,6 +15,7 @@ from torch import nn
 
 from peft_dist.config import ConfigError
 from peft_dist.engines.engine import Engine
+from peft_dist.models.materialize import is_deferred, materialize
 
 
 def mesh_shape(world: int, shard: bool, mesh: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -157,8 +158,11 @@ class FSDP2Engine(Engine):
                                    "auto or bf16); on CPU keep dist.frozen_dtype=fp32")
             cast_frozen(model, torch.bfloat16)
         self.autocast_dtype = None  # FSDP2's policy casts parameters; autocast would double-cast
-        return apply_fsdp2(model, self.device, d.shard_backbone, d.reshard_after_forward, mixed,
-                           self.method.full_precision_parameters(model), mesh_dims=d.mesh)
+        model = apply_fsdp2(model, self.device, d.shard_backbone, d.reshard_after_forward, mixed,
+                            self.method.full_precision_parameters(model), mesh_dims=d.mesh)
+        if is_deferred(model):  # built on meta: each rank fills its own shards only
+            materialize(model, self.device)
+        return model
 
     def autocast(self):
         import contextlib

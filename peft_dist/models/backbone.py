@@ -185,23 +185,31 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
         _load_npz(model, path)
         return
     sd = read_state_dict(path)
-    sd = _filter_for_model(model, sd)
+    sd = filter_for_model(model, sd)
     load_matching(model, sd, source=str(path))
 
 
 def load_matching(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """Strictly load ``sd`` into ``model``: the head may be dropped (task-sized), anything else must match."""
     own = model.state_dict()
-    head_keys = _head_keys(model)
-    sd = {k: v for k, v in sd.items() if not (k in head_keys and k in own and own[k].shape != v.shape)}
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    keep = fitting_keys({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in sd.items()},
+                        head_keys(model), source)
+    model.load_state_dict({k: sd[k] for k in keep}, strict=False)
+
+
+def fitting_keys(own: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]], head_keys: set[str],
+                 source: str) -> set[str]:
+    """The checkpoint names (of ``given``: name -> shape) to load into a model with state-dict shapes ``own``: a
+    head of another size is left out (task-sized); any other mismatch, missing or unexpected tensor is a
+    :class:`CheckpointError` naming them."""
+    keep = {k for k in given if not (k in head_keys and k in own and own[k] != given[k])}
+    mismatched = [f"{k}: checkpoint {given[k]} vs model {own[k]}" for k in keep if k in own and own[k] != given[k]]
     if mismatched:
         more = f" (and {len(mismatched) - 5} more)" if len(mismatched) > 5 else ""
         raise CheckpointError(f"checkpoint {source} does not fit the model; shape mismatch: "
                               + "; ".join(mismatched[:5]) + more)
-    missing = [k for k in own if k not in sd and k not in head_keys]
-    unexpected = [k for k in sd if k not in own]
+    missing = [k for k in own if k not in keep and k not in head_keys]
+    unexpected = [k for k in keep if k not in own]
     if missing or unexpected:
         parts = []
         if missing:
@@ -209,10 +217,10 @@ def load_matching(model: nn.Module, sd: dict[str, torch.Tensor], source: str) ->
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:4])})")
         raise CheckpointError(f"checkpoint {source} does not fit the model: " + "; ".join(parts))
-    model.load_state_dict(sd, strict=False)
+    return keep
 
 
-def _head_keys(model: nn.Module) -> set[str]:
+def head_keys(model: nn.Module) -> set[str]:
     """State-dict keys of the classifier (re-sized to the task, so never required from a checkpoint)."""
     keys: set[str] = set()
     classifier = getattr(model, "default_cfg", {}).get("classifier", "head") if hasattr(model, "default_cfg") else "head"
@@ -223,7 +231,7 @@ def _head_keys(model: nn.Module) -> set[str]:
     return keys
 
 
-def _filter_for_model(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def filter_for_model(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Apply the timm family's checkpoint filter (pos-embed resize, layout conversions) when it has one."""
     module = importlib.import_module(type(model).__module__)
     fn = getattr(module, "checkpoint_filter_fn", None)

@@ -47,13 +47,31 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: RunConfig):
-    """The backbone with the method applied (identical on every rank: same seed before creation)."""
+    """The backbone with the method applied (identical on every rank: same seed before creation). Under sharded
+    initialization (``dist.init``) it stays on the meta device, recorded, and the engine materializes its shards
+    with the same values after sharding (``peft_dist.models.materialize``)."""
     seed_everything(cfg.train.seed)
-    model = create_backbone(cfg.model.name, cfg.model.num_classes, cfg.model.checkpoint,
-                            drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
-    method = build_method(cfg.method.name, **cfg.method.options)
-    method.apply(model)
-    return model, method
+
+    def backbone(checkpoint=None):
+        return create_backbone(cfg.model.name, cfg.model.num_classes, checkpoint,
+                               drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
+
+    def with_method(model):
+        method = build_method(cfg.method.name, **cfg.method.options)
+        method.apply(model)
+        return method
+
+    if sharded_init(cfg):
+        from peft_dist.models.materialize import build_on_meta
+
+        return build_on_meta(backbone, with_method, cfg.model.checkpoint)
+    model = backbone(cfg.model.checkpoint)
+    return model, with_method(model)
+
+
+def sharded_init(cfg: RunConfig) -> bool:
+    """Engines that shard the frozen weights build them on meta and fill only each rank's shards."""
+    return cfg.dist.init == "sharded" and cfg.dist.engine == "fsdp2"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
