@@ -147,13 +147,26 @@ def format_report(r: dict[str, Any]) -> str:
         f"(fake process group, meta weights; {r['seconds']:.1f} s)",
         f"trainable parameters: {r['trainable_params']:,} ({r['trainable_params_without_head']:,} without the "
         f"head); frozen: {r['frozen_params']:,}",
-        "per-rank memory, MiB (ranks with equal figures share a row):",
-        f"  {'ranks':<10}{'frozen':>12}{'trainable':>12}{'gradients':>12}{'optimizer':>12}{'static':>12}",
     ]
-    for first, last, b in _runs_of_equal(r["ranks"]):
+    ranks = r["ranks"]
+    group = mesh[1] if mesh else len(ranks)
+    replicas_alike = bool(mesh) and all(b == ranks[i % group] for i, b in enumerate(ranks))
+    if replicas_alike:  # HSDP: every shard group holds its own copy; one group's rows say it for all of them
+        ranks = ranks[:group]
+        lines.append(f"per-rank memory, MiB, shard group 0 = ranks 0-{group - 1} (each of the {mesh[0]} groups of "
+                     f"{group} consecutive ranks, e.g. one node, holds the same; equal ranks share a row):")
+    else:
+        lines.append("per-rank memory, MiB (ranks with equal figures share a row):")
+    lines.append(f"  {'ranks':<10}{'frozen':>12}{'trainable':>12}{'gradients':>12}{'optimizer':>12}{'static':>12}")
+    for first, last, b in _runs_of_equal(ranks):
         label = str(first) if first == last else f"{first}-{last}"
         lines.append(f"  {label:<10}{mib(b['params_frozen']):>12}{mib(b['params_trainable']):>12}"
                      f"{mib(b['grads']):>12}{mib(b['optimizer_state']):>12}{mib(b['total_static']):>12}")
+    if mesh:
+        grads = r["per_rank_bytes"]["grads"]
+        lines.append(f"HSDP traffic: each block's all-gather and the gradients' reduce-scatter stay inside a shard "
+                     f"group of {mesh[1]} ranks; across the {mesh[0]} groups only each rank's adapter gradient shard "
+                     f"is all-reduced, {mib(grads)} MiB per rank and step (frozen weights have no gradients)")
     act = r.get("activations")
     if act:
         lines.append("memory estimator, largest rank (MiB):")
