@@ -3,8 +3,8 @@
 ``peft-dist memory --config F [overrides] --world-size N`` builds the run's model exactly as training does
 (:func:`peft_dist.train.trainer.build_model`, on the meta device), gives it fake tensors (``FakeTensorMode``: shapes and
 dtypes, no storage), applies the engine's own functions (``apply_activation_checkpointing``, ``cast_frozen``,
-``apply_fsdp2`` on a ``fake`` process group of N ranks), builds the optimizer from the method's parameter groups,
-lets the optimizer create its state (one step on zero gradients, so the traced step sees the state alive, as every
+``apply_fsdp2`` on a ``fake`` process group of N ranks, on ``dist.mesh``'s 2-D mesh when set), builds the optimizer
+from the method's parameter groups, lets the optimizer create its state (one step on zero gradients, so the traced step sees the state alive, as every
 step of a real run after the first does) and traces one training step (forward, backward, optimizer step, the
 method's hooks) plus one evaluation forward under torch's ``MemTracker`` (``FSDPMemTracker`` for fsdp2). Output: a
 :class:`MemoryReport` (``source: estimated``) with the same fields the profiler measures. The tests check that this
