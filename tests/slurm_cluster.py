@@ -148,10 +148,7 @@ MinJobAge=3600
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                r = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False, timeout=10)
-                states = dict(line.split() for line in r.stdout.splitlines() if line.strip())
-                if r.returncode == 0 and set(states) == set(NODES) and \
-                        all(s in ("idle", "mixed") for s in states.values()):
+                if self.nodes_idle():
                     return self
                 time.sleep(0.3)
             raise SlurmUnavailable(f"the two SLURM nodes did not become idle within {timeout:.0f} s:\n"
@@ -190,6 +187,14 @@ MinJobAge=3600
                 return state
             time.sleep(poll)
         raise TimeoutError(f"job {job_id} still {state or 'unknown'} after {timeout:.0f} s (wanted {states})")
+
+    def node_states(self) -> dict[str, str]:
+        r = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False, timeout=10)
+        return dict(line.split() for line in r.stdout.splitlines() if line.strip()) if r.returncode == 0 else {}
+
+    def nodes_idle(self) -> bool:
+        states = self.node_states()
+        return set(states) == set(NODES) and all(s in ("idle", "mixed") for s in states.values())
 
     def pids_on(self, node: str) -> list[int]:
         """Processes running on ``node`` (in its network namespace)."""
