@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -67,14 +68,16 @@ def startup_peak_memory(rank: int, world: int, port: int, overrides: list[str], 
         batches = _batches(cfg.data.img_size, cfg.model.num_classes, n=1)
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
         baseline = _rss_kib("VmRSS")
+        start = time.monotonic()
         trainer = Trainer(cfg, read_dist_env(), torch.device("cpu"), batches, batches)
-        peak = _rss_kib("VmHWM")
+        build_s = time.monotonic() - start
+        peak, anon, mapped = _rss_kib("VmHWM"), _rss_kib("RssAnon"), _rss_kib("RssFile")
         mismatched = []
         with safe_open(checkpoint, framework="pt") as f:
             for name, p in trainer.engine.module.named_parameters():
                 plain = name.replace(".base.", ".")
-                if plain not in f.keys() or name.startswith("head."):
-                    continue
+                if plain not in f.keys() or tuple(f.get_slice(plain).get_shape()) != tuple(p.shape):
+                    continue  # the task's head, a resized position embedding
                 if isinstance(p, DTensor):
                     local = p.to_local()
                     expected = f.get_slice(plain)[local_slices(p.shape, p.device_mesh, p.placements)]
@@ -82,9 +85,12 @@ def startup_peak_memory(rank: int, world: int, port: int, overrides: list[str], 
                     local, expected = p, f.get_tensor(plain)
                 if not torch.equal(local.detach(), expected):
                     mismatched.append(name)
+        start = time.monotonic()
         trainer.fit()
+        step_s = time.monotonic() - start
         Path(f"{out_file}.rank{rank}").write_text(json.dumps({
             "baseline_mib": baseline / 1024, "peak_increase_mib": (peak - baseline) / 1024,
-            "mismatched": mismatched, "trained_steps": trainer.total_steps}))
+            "after_build_anon_mib": anon / 1024, "after_build_file_mib": mapped / 1024, "build_s": build_s,
+            "step_s": step_s, "mismatched": mismatched, "trained_steps": trainer.total_steps}))
     finally:
         dist.destroy_process_group()

@@ -55,10 +55,7 @@ class CheckpointReader:
 
     def _open(self, suffix: str) -> dict[str, object]:
         if suffix == ".safetensors":
-            from safetensors import safe_open
-
-            self._file = safe_open(str(self.path), framework="pt", device="cpu")
-            return {k: self._file.get_slice(k) for k in self._file.keys()}
+            return SafetensorsFile(self.path).tensors()
         try:
             sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
@@ -74,17 +71,16 @@ class CheckpointReader:
 
     def _sort(self, raw: dict[str, object], own: dict[str, tuple[int, ...]], plain_model: nn.Module) -> None:
         for name, handle in raw.items():
-            shape = tuple(handle.get_shape()) if hasattr(handle, "get_shape") else tuple(handle.shape)
+            shape = tuple(handle.shape)
             if own.get(name) == shape:
                 self._lazy[name] = handle
                 continue
             # one tensor through the family's filter: what it returns is what the plain build would load
-            self._held.update(filter_for_model(plain_model, {name: handle[...] if hasattr(handle, "get_shape")
-                                                            else handle}))
+            whole = handle.read(None) if isinstance(handle, _StoredTensor) else handle
+            self._held.update(filter_for_model(plain_model, {name: whole}))
 
     def _shape(self, name: str) -> tuple[int, ...]:
-        handle = self._lazy[name]
-        return tuple(handle.get_shape()) if hasattr(handle, "get_shape") else tuple(handle.shape)
+        return tuple(self._lazy[name].shape)
 
     def read(self, name: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
         """The tensor ``name`` (the plain backbone's state-dict name), or its ``index`` slice, as a new tensor."""
@@ -97,9 +93,68 @@ class CheckpointReader:
                 return whole.clone()
             return (whole if index is None else whole[index]).clone()
         handle = self._lazy[name]
-        if hasattr(handle, "get_shape"):  # a safetensors slice reads only what it is asked for
-            return handle[index if index is not None else ...]
+        if isinstance(handle, _StoredTensor):  # reads only the rows asked for
+            return handle.read(index)
         return (handle if index is None else handle[index]).clone()
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """The tensors of a ``.safetensors`` file, read with plain file reads. safetensors' own ``get_slice`` maps the
+    file, and every page a slice touches then counts in the process's RSS for as long as the file stays open; a
+    read copies the slice's bytes once and leaves nothing mapped. Layout (the format's documentation): an 8-byte
+    little-endian header length, a JSON header naming each tensor's dtype, shape and byte range, then the data."""
+
+    def __init__(self, path: Path):
+        import json
+        import struct
+
+        self.path = path
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(length))
+        self.data_start = 8 + length
+
+    def tensors(self) -> dict[str, "_StoredTensor"]:
+        out = {}
+        for name, entry in self.header.items():
+            if name == "__metadata__":
+                continue
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"checkpoint {self.path}: {name} has dtype {entry['dtype']}; allowed: "
+                                      f"{', '.join(SAFETENSORS_DTYPES)}")
+            begin, _ = entry["data_offsets"]
+            out[name] = _StoredTensor(self.path, self.data_start + begin, SAFETENSORS_DTYPES[entry["dtype"]],
+                                      tuple(entry["shape"]))
+        return out
+
+
+class _StoredTensor:
+    """One tensor at a byte offset of a file; :meth:`read` reads the rows an index selects along dim 0."""
+
+    def __init__(self, path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]):
+        self.path, self.offset, self.dtype, self.shape = path, offset, dtype, shape
+
+    def read(self, index: tuple[slice, ...] | None) -> torch.Tensor:
+        index = tuple(index or ())
+        rows = index[0].indices(self.shape[0]) if index and self.shape else (0, self.shape[0] if self.shape else 1, 1)
+        start, stop = rows[0], max(rows[0], rows[1])
+        row_numel = 1
+        for n in self.shape[1:]:
+            row_numel *= n
+        row_bytes = row_numel * torch.empty((), dtype=self.dtype).element_size()
+        buffer = bytearray((stop - start) * row_bytes)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * row_bytes)
+            f.readinto(buffer)
+        shape = ((stop - start), *self.shape[1:]) if self.shape else ()
+        block = torch.frombuffer(buffer, dtype=self.dtype).view(shape) if buffer else torch.empty(shape, dtype=self.dtype)
+        rest = (slice(None),) + index[1:] if index else ()
+        return block[rest].clone() if rest and any(s != slice(None) for s in index[1:]) else block
 
 
 def _npz_tensors(plain_model: nn.Module, path: Path, slice_of=None) -> dict[str, torch.Tensor]:
