@@ -11,19 +11,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from launcher.env import EnvError
 from launcher.preemption import PreemptionFlag
-
-# `python -m peft_dist.cli` (torchrun's workers, the multi-node template): SLURM's signals are caught from the first
-# line, before the imports below take seconds; the `peft-dist` script installs the same flag first thing in main()
-STARTUP_PREEMPTION = PreemptionFlag().install() if __name__ == "__main__" else None
-
-from launcher.env import EnvError  # noqa: E402 — after the handler, on purpose
-from peft_dist.config import ConfigError  # noqa: E402
-from peft_dist.data.info import DataError  # noqa: E402
-from peft_dist.methods.base import MergeError  # noqa: E402
-from peft_dist.models.backbone import CheckpointError, check_model_config  # noqa: E402
-from peft_dist.tasks import TaskError  # noqa: E402
-from peft_dist.train.errors import Diverged  # noqa: E402
+from peft_dist.config import ConfigError
+from peft_dist.data.info import DataError
+from peft_dist.methods.base import MergeError
+from peft_dist.models.backbone import CheckpointError, check_model_config
+from peft_dist.tasks import TaskError
+from peft_dist.train.errors import Diverged
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, MergeError, FileNotFoundError,
                                                 DataError, TaskError, EnvError, Diverged)
@@ -244,9 +239,10 @@ def _with_config(fn: Callable) -> Callable:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # a SLURM signal while the process starts, trains, runs the final evaluation or writes the summary is the
-    # trainer's to act on (launcher/preemption.py); other commands keep the default actions
-    preemption = STARTUP_PREEMPTION or PreemptionFlag().install()
+    # a SLURM signal while the process sets up (config, data, model, process group), trains, runs the final
+    # evaluation or writes the summary is the trainer's to act on (launcher/preemption.py); only the interpreter's
+    # and peft_dist's imports come before this line. Other commands keep the default actions.
+    preemption = PreemptionFlag().install()
     try:
         args = build_parser().parse_args(argv)
         if args.command != "train" or args.dry_run:
