@@ -51,11 +51,19 @@ def work(tmp_path_factory) -> Path:
 
 
 class Job:
-    def __init__(self, slurm: TwoNodeSlurm, work: Path, name: str, template: str, nodes: int, *overrides: str):
+    def __init__(self, slurm: TwoNodeSlurm, work: Path, name: str, template: str, nodes: int, *overrides: str,
+                 per_node: int | None = None):
+        """``per_node`` training processes on each node: srun tasks (single_node, 4 by default) or torchrun's
+        processes (multi_node, 2 by default), one thread each."""
         self.slurm, self.out_dir, self.name = slurm, work / name, name
-        tasks = ["--ntasks-per-node=4", "--cpus-per-task=1"] if template == "single_node" else \
-            ["--ntasks-per-node=1", "--cpus-per-task=2"]
-        exports = f"ALL,OMP_NUM_THREADS=1,PEFT_DIST={PEFT_DIST},PYTHON={PYTHON},GPUS_PER_NODE=2,OUT_DIR={self.out_dir}"
+        if template == "single_node":
+            per_node = per_node or 4
+            tasks = [f"--ntasks-per-node={per_node}", "--cpus-per-task=1"]
+        else:
+            per_node = per_node or 2
+            tasks = ["--ntasks-per-node=1", f"--cpus-per-task={per_node}"]
+        exports = f"ALL,OMP_NUM_THREADS=1,PEFT_DIST={PEFT_DIST},PYTHON={PYTHON},GPUS_PER_NODE={per_node}," \
+                  f"OUT_DIR={self.out_dir}"
         cmd = ["sbatch", "--parsable", f"--chdir={REPO}", f"--nodes={nodes}", *tasks, "--gpus-per-node=0",
                f"--job-name={name}", f"--output={work}/{name}-%j.out", f"--export={exports}",
                str(REPO / "slurm" / f"{template}.sbatch"), CONFIG, *TRAIN, *overrides]
@@ -214,7 +222,9 @@ def test_a_requeued_job_that_fails_before_training_is_not_requeued_again(slurm, 
     out_dir = work / "failing"
     out_dir.mkdir()
     (out_dir / "preempted.json").write_text('{"step": 5}\n')  # left by the preemption before this requeue
-    job = Job(slurm, work, "failing", "multi_node", 2, f"model.checkpoint={work}/missing-backbone.safetensors")
+    # one process per node: the start-up fails the same way, at a third of the import cost
+    job = Job(slurm, work, "failing", "multi_node", 2, f"model.checkpoint={work}/missing-backbone.safetensors",
+              per_node=1)
     assert job.wait() == "FAILED", job.log()[-3000:]
     time.sleep(1)  # a requeue would show by now (scontrol requeue runs before the script exits)
     assert job.field("Restarts") == "0" and job.field("JobState") == "FAILED"
@@ -223,7 +233,8 @@ def test_a_requeued_job_that_fails_before_training_is_not_requeued_again(slurm, 
 
 
 def test_scancel_stops_with_a_checkpoint_and_no_requeue(slurm, work):
-    job = Job(slurm, work, "cancelled", "single_node", 1)
+    # what is tested is the trainer's and the batch script's decision: one task is enough
+    job = Job(slurm, work, "cancelled", "single_node", 1, "dist.engine=single", per_node=1)
     job.wait_for_step(8)
     slurm.run("scancel", job.id)  # SIGTERM to the batch shell and every task, SIGKILL after KillWait
     assert job.wait() == "CANCELLED"
