@@ -15,8 +15,11 @@ def launch(nproc: int, argv: list[str]) -> int:
         argv = argv[1:]
     if not argv:
         raise SystemExit("launch: nothing to run; usage: peft-dist launch --nproc N -- train --config F")
+    # SIGUSR1 (SLURM's requeue signal, launcher/preemption.py) is forwarded to the workers like SIGTERM, not left
+    # to its default action, which would end torchrun and orphan them
     args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "--monitor-interval=0.5", "--module", "peft_dist.cli", *argv])
+        ["--standalone", f"--nproc-per-node={nproc}", "--monitor-interval=0.5",
+         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--module", "peft_dist.cli", *argv])
     try:
         run(args)
     except Exception as e:  # torchrun raises ChildFailedError after printing each failed rank's traceback
