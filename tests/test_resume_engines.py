@@ -87,17 +87,3 @@ def test_checkpoint_loads_bitwise_at_another_world_size(tmp_path, engine, worlds
     assert result["model_differs"] == [] and result["optim_differs"] == []
     final = ckpt.read_manifest(tmp_path / "run" / "checkpoints" / "step-00000004")
     assert final["world_size"] == loaded_on
-
-
-def test_hsdp_2x2_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path):
-    """dist.mesh=[2, 2] on 4 ranks: the checkpoint gathers full tensors from the 2-D mesh, the resumed run reshards
-    them onto it, and step 4 equals the uninterrupted run's bitwise."""
-    mesh = "dist.mesh=[2, 2]"
-    straight = run_overrides(tmp_path / "straight", "fsdp2", mesh)
-    resumed = run_overrides(tmp_path / "resumed", "fsdp2", mesh)
-    spawn(4, straight_and_resumed, straight, resumed, global_batches(), 3)
-    final = tmp_path / "resumed" / "checkpoints" / "step-00000004"
-    assert_same_checkpoint(tmp_path / "straight" / "checkpoints" / "step-00000004", final)
-    assert ckpt.read_manifest(final)["world_size"] == 4
-    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
