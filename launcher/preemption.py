@@ -15,7 +15,7 @@ Which signal means what, on SLURM:
   :data:`STOP_EXIT_CODE`, writing no marker, so the batch script does not requeue.
 
 Under ``srun`` every task gets the signal; under torchrun add ``--signals-to-handle=SIGTERM,SIGINT,SIGUSR1``.
-DataLoader workers ignore ``SIGUSR1`` (:func:`ignore_in_worker`): only the training process acts on it.
+DataLoader workers ignore both (:func:`ignore_in_worker`): only the training process acts on them.
 """
 from __future__ import annotations
 
@@ -84,8 +84,10 @@ class PreemptionFlag:
 
 
 def ignore_in_worker(worker_id: int) -> None:  # noqa: ARG001 — DataLoader's worker_init_fn signature
-    """DataLoader ``worker_init_fn``: a worker started by fork would run the trainer's handler on a copy of its flag,
-    one started by spawn would die of SIGUSR1's default action and fail the epoch; SLURM signals every process of
-    the step, so the worker ignores it and leaves the decision to the training process."""
-    for sig in REQUEUE_SIGNALS:
+    """DataLoader ``worker_init_fn``: SLURM signals every process of the step, loader workers included. A worker
+    started by fork would run the trainer's handler on a copy of its flag, one started by spawn would die of the
+    default action and fail the batch the training process needs to reach its checkpoint; so the worker ignores
+    both signals and leaves the decision to the training process. It still ends when the loader shuts it down,
+    when the training process dies (DataLoader's parent watchdog), or at SLURM's SIGKILL after ``KillWait``."""
+    for sig in DEFAULT_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

@@ -1,7 +1,7 @@
 """SLURM's signals outside the training loop (launcher/preemption.py), on real processes: SIGUSR1 while `peft-dist
 train` is still setting up (before the model is built) requeues instead of killing the process, and a DataLoader
-worker started by spawn survives SIGUSR1 (only the training process acts on it). tests/test_slurm.py covers the
-batch scripts' side (requeue on SIGUSR1, none on scancel's SIGTERM)."""
+worker started by spawn survives SIGUSR1 and SIGTERM (only the training process acts on them). tests/test_slurm.py
+covers the batch scripts' side (requeue on SIGUSR1, none on scancel's SIGTERM)."""
 from __future__ import annotations
 
 import json
@@ -70,11 +70,12 @@ for batch in loader:
                 signalled += [int(p) for p in f.read().split()]
         for pid in signalled:
             os.kill(pid, signal.SIGUSR1)
+            os.kill(pid, signal.SIGTERM)  # scancel's, which SLURM sends to every process of the step too
 print(count, len(signalled), loader.batches_per_epoch)
 """
 
 
-def test_a_spawned_loader_worker_ignores_sigusr1(id_shards):
+def test_a_spawned_loader_worker_ignores_slurms_signals(id_shards):
     shards, _ = id_shards
     r = subprocess.run([PYTHON, "-c", WORKER_SURVIVES, str(shards)], cwd=REPO, capture_output=True, text=True,
                        timeout=200)
