@@ -61,7 +61,8 @@ class TwoNodeSlurm:
     # ------------------------------------------------------------------ set-up
     def make_network(self) -> None:
         if os.geteuid() != 0 or not all(shutil.which(b) for b in ("ip", "nsenter", "unshare")):
-            raise SlurmUnavailable("network namespaces unavailable: needs root, iproute2's `ip`, `nsenter` and `unshare`")
+            raise SlurmUnavailable("network namespaces unavailable: needs root, iproute2's `ip`, `nsenter` and "
+                                   "`unshare`")
         ctl = self.namespaces["ctl"]
         for ns in self.namespaces.values():
             _ip("netns", "add", ns)

@@ -5,9 +5,7 @@ covers the batch scripts' side (requeue on SIGUSR1, none on scancel's SIGTERM)."
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
 
 import pytest
 
