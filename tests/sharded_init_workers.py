@@ -34,8 +34,11 @@ def full_values_after_build(rank: int, world: int, port: int, overrides: list[st
         cfg = load_config(None, overrides)
         batches = _batches(cfg.data.img_size, cfg.model.num_classes)
         trainer = Trainer(cfg, read_dist_env(), torch.device("cpu"), batches, batches[:1])
-        full = get_model_state_dict(trainer.engine.module,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if cfg.dist.engine == "deepspeed":  # ZeRO-3: every parameter gathered
+            full = trainer.engine.state_dict(adapters_only=False)
+        else:
+            full = get_model_state_dict(trainer.engine.module,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         trainer.fit()
         if rank == 0:
             save_file({k: v.contiguous() for k, v in full.items()}, out_file)

@@ -73,6 +73,22 @@ def test_fsdp2_shards_gather_to_the_plain_build(tmp_path, tiny_checkpoint, with_
         assert torch.equal(got["blocks.1.mlp.fc2.weight"], load_file(str(tiny_checkpoint))["blocks.1.mlp.fc2.weight"])
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_zero3_partitions_gather_to_the_plain_build(tmp_path, tiny_checkpoint):
+    """DeepSpeed ZeRO-3 on 2 gloo ranks, LoRA, from the checkpoint: the parameters are partitioned as the replay
+    fills them (zero.Init's conversion), and gathered after start-up they equal the 1-rank plain build; a training
+    step runs."""
+    overrides = TINY + ["method.name=lora", "data.source=synthetic", "train.steps=1", "train.progress=false",
+                        "tracking.enabled=false", f"train.out_dir={tmp_path / 'run'}", f"model.checkpoint={tiny_checkpoint}",
+                        "data.batch_size=1"]
+    out = tmp_path / "full.safetensors"
+    spawn_two_ranks(full_values_after_build, overrides + ["dist.engine=deepspeed", "dist.zero_stage=3"], str(out))
+    got, expected = load_file(str(out)), plain_build(overrides)
+    assert got.keys() == expected.keys()
+    assert [k for k in got if not torch.equal(got[k], expected[k])] == []
+
+
 def test_bad_init_value_is_one_line():
     from peft_dist.config import ConfigError, load_config
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from peft_dist.engines.engine import Engine
 from peft_dist.methods.base import Method
+from peft_dist.models.materialize import is_deferred, materialize_zero3
 
 def deepspeed_config(cfg, world_size: int, cuda: bool, trainable_elements: int | None = None) -> dict[str, Any]:
     """The generated DeepSpeed config; ``dist.deepspeed_config`` (a JSON file) is merged over it.
@@ -146,6 +147,8 @@ class DeepSpeedEngine(Engine):
                 raise ConfigError("dist.frozen_dtype=bf16 needs bf16 compute under autocast (train.precision bf16, "
                                   "or auto on a GPU with bf16, and no bf16 section in dist.deepspeed_config)")
             cast_frozen_matrices(self.module, self.autocast_dtype)
+        if is_deferred(self.module):  # built on meta (dist.init=sharded, ZeRO-3): partitioned as it is filled
+            materialize_zero3(self.module, ds_cfg)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             args=SimpleNamespace(device_rank=device_rank(device)), model=self.module, optimizer=self.optimizer,
             lr_scheduler=self.scheduler, config=ds_cfg, dist_init_required=False)

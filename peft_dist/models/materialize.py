@@ -136,6 +136,8 @@ class DeferredInit:
     checkpoint_at: int
     """Index in ``ops`` where the plain build loads the checkpoint."""
     storage_bytes: dict[int, int] = field(default_factory=dict)
+    storage_order: dict[int, int] = field(default_factory=dict)
+    """Storage key -> its rank in the recording (keys are addresses: their own order differs between processes)."""
     build_backbone: Callable[[], nn.Module] | None = None
     """Builds the plain backbone (no method), on the meta device: what a checkpoint is checked against."""
     checkpoint: str | None = None
@@ -180,7 +182,8 @@ class DeferredInit:
                     real[_key(op.out)] = op.constant.clone().untyped_storage()
                 else:
                     self._run(op, real_of, real, generators)
-                for key in op.final_after:
+                # in recording order, the same on every rank (ZeRO-3's conversion is a collective)
+                for key in sorted(op.final_after, key=self.storage_order.__getitem__):
                     held = real.pop(key)
                     for fqn in self.names[key]:
                         if isinstance(held, _LazyCheckpoint):
@@ -312,7 +315,8 @@ def record_build(build_backbone: Callable[[], nn.Module], apply_method: Callable
         if _key(t) not in sizes:
             raise MetaBuildError(f"dist.init=sharded: {fqn} was not created during the build; use dist.init=full")
         names.setdefault(_key(t), []).append(fqn)
-    deferred = DeferredInit(recorder.ops, rng_state, names, tensors, plain, checkpoint_at, sizes)
+    deferred = DeferredInit(recorder.ops, rng_state, names, tensors, plain, checkpoint_at, sizes,
+                            {key: i for i, key in enumerate(sizes)})
     return model, result, deferred
 
 
@@ -330,8 +334,6 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     ``device`` and fill this rank's shards with the plain build's values, the checkpoint's where it has them."""
     from torch.distributed.tensor import DTensor
 
-    from peft_dist.models.checkpoint_reader import CheckpointReader
-
     deferred: DeferredInit = model.__dict__.pop("deferred_init")
     model.to_empty(device=device)
     targets = _named_tensors(model)
@@ -342,18 +344,60 @@ def materialize(model: nn.Module, device: torch.device) -> None:
             return local_slices(target.shape, target.device_mesh, target.placements)
         return tuple(slice(None) for _ in target.shape)
 
-    checkpoint = None
-    if deferred.checkpoint is not None:
-        fqn_of = {name: deferred.names[key][0] for name, key in deferred.plain_names.items() if key in deferred.names}
-        with torch.device("meta"):
-            plain = deferred.build_backbone()
-        checkpoint = CheckpointReader(deferred.checkpoint, plain, slice_of=lambda name: index_of(fqn_of[name]))
+    checkpoint = _open_checkpoint(deferred, index_of)
 
     def assign(fqn: str, value: torch.Tensor | None, lazy: _LazyCheckpoint | None) -> None:
         target = targets[fqn]
         local = target.to_local() if isinstance(target, DTensor) else target
         index = index_of(fqn)
         local.copy_(checkpoint.read(lazy.name, index) if lazy is not None else value[index])
+
+    deferred.replay(assign, checkpoint)
+
+
+def _open_checkpoint(deferred: DeferredInit, index_of: Callable[[str], tuple[slice, ...]] | None):
+    """The recorded build's checkpoint, or None; ``index_of(fqn)``: this rank's slice of a tensor (None: whole)."""
+    from peft_dist.models.checkpoint_reader import CheckpointReader
+
+    if deferred.checkpoint is None:
+        return None
+    fqn_of = {name: deferred.names[key][0] for name, key in deferred.plain_names.items() if key in deferred.names}
+    with torch.device("meta"):
+        plain = deferred.build_backbone()
+    slice_of = (lambda name: index_of(fqn_of[name])) if index_of is not None else None
+    return CheckpointReader(deferred.checkpoint, plain, slice_of=slice_of)
+
+
+def materialize_zero3(model: nn.Module, ds_config: dict) -> None:
+    """DeepSpeed ZeRO-3's partitioned initialization for a model from :func:`build_on_meta`: each parameter gets its
+    plain-build (or checkpoint) value when the replay reaches it, and is at once partitioned by ``zero.Init``'s own
+    conversion (rank 0's copy broadcast, this rank's partition kept, the full tensor freed), so a rank holds its
+    partitions and one full tensor at a time. Buffers, never partitioned, get their full value. Parameters keep
+    their identity: an optimizer built over them on meta stays valid."""
+    import deepspeed
+
+    deferred: DeferredInit = model.__dict__.pop("deferred_init")
+    checkpoint = _open_checkpoint(deferred, None)
+    # DeepSpeed's communication layer over the existing process group (deepspeed.initialize does the same later):
+    # without it the config sees a world of 1
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+    partitioner = deepspeed.zero.Init(config_dict_or_path=ds_config)  # not entered: converts only what it is given
+    converted: set[int] = set()
+
+    def assign(fqn: str, value: torch.Tensor | None, lazy: _LazyCheckpoint | None) -> None:
+        owner_path, _, name = fqn.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        full = checkpoint.read(lazy.name) if lazy is not None else value.clone()
+        param = owner._parameters.get(name)
+        if param is None:
+            owner._buffers[name] = full.to(owner._buffers[name].dtype)
+            return
+        if id(param) in converted:  # a tensor shared under two names
+            return
+        converted.add(id(param))
+        # a meta tensor's data cannot be swapped for a CPU tensor's; swapping the whole objects keeps the identity
+        torch.utils.swap_tensors(param, nn.Parameter(full.to(param.dtype), requires_grad=param.requires_grad))
+        partitioner._convert_to_zero_parameters([param])
 
     deferred.replay(assign, checkpoint)
 

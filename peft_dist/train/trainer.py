@@ -70,8 +70,10 @@ def build_model(cfg: RunConfig):
 
 
 def sharded_init(cfg: RunConfig) -> bool:
-    """Engines that shard the frozen weights build them on meta and fill only each rank's shards."""
-    return cfg.dist.init == "sharded" and cfg.dist.engine == "fsdp2"
+    """Engines that shard the frozen weights build them on meta and fill only each rank's shards (ZeRO-1/2
+    replicate the frozen weights on every rank anyway: they build in full)."""
+    return cfg.dist.init == "sharded" and (cfg.dist.engine == "fsdp2" or
+                                           cfg.dist.engine == "deepspeed" and cfg.dist.zero_stage == 3)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
