@@ -24,7 +24,7 @@ VERSION_TESTS  := tests/test_engines.py tests/test_ddp.py tests/test_memory_esti
 export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS ?= 0
 
-.PHONY: env demo test test-other-torch lock clean
+.PHONY: env env-other-torch demo test test-other-torch lock clean
 
 ifeq ($(filter $(TORCH),$(SUPPORTED)),)
 $(error TORCH=$(TORCH); allowed: $(SUPPORTED))
@@ -45,11 +45,17 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: $(STAMP)
 	$(VENV)/bin/peft-dist demo --out-dir runs/demo
 
-# -n 1: the tests run in one xdist worker, so a native crash fails that test and a new worker runs the rest.
+# The tests run in xdist workers, so a native crash fails that test and a new worker runs the rest. Two workers on
+# a 2-core machine: about half of the suite's wall time is spent waiting (process start-up, rendezvous, SLURM), not
+# computing. The SLURM tests share one cluster and run in one worker (--dist loadgroup, tests/conftest.py).
+TEST_WORKERS   ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=15 -n 1 --max-worker-restart=20 $(TESTS)
+	$(PY) -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=20 $(TESTS)
 
 # The version-dependent tests under the other supported torch minor, in its own environment (CI runs both).
+env-other-torch:
+	$(MAKE) env TORCH=$(OTHER_TORCH)
+
 test-other-torch:
 	$(MAKE) test TORCH=$(OTHER_TORCH) TESTS="$(VERSION_TESTS)"
 

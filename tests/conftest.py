@@ -115,3 +115,33 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_measuring_cpu(cmd: list[str], **kwargs) -> tuple["subprocess.CompletedProcess", float]:
+    """``subprocess.run(cmd)`` and the CPU seconds (user + system) the child and its descendants used: the cost of a
+    command, which, unlike its wall time, does not grow when other tests share the cores."""
+    import resource
+    import subprocess
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = subprocess.run(cmd, **kwargs)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return result, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+SLOW_FIRST = ("slurm", "slow", "distributed")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks added here
+def pytest_collection_modifyitems(config, items):
+    """The long tests first (SLURM jobs, then end-to-end runs, then multi-process ones), so that under several xdist
+    workers the last minutes are not one long test with the other workers idle; a stable sort keeps the files' order
+    within each kind. The SLURM tests share one cluster (a module fixture), so under ``--dist loadgroup`` they all
+    go to one worker."""
+    def kind(item) -> int:
+        return next((i for i, mark in enumerate(SLOW_FIRST) if item.get_closest_marker(mark)), len(SLOW_FIRST))
+
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+    items.sort(key=kind)

@@ -31,9 +31,12 @@ def test_a_segfault_fails_one_test_and_the_run_goes_on(tmp_path):
     assert r.returncode == 1
 
 
-def test_makefile_runs_the_suite_in_a_crash_isolating_worker():
+def test_makefile_runs_the_suite_in_crash_isolating_workers():
+    """The suite runs in xdist workers that are replaced when one crashes (the case the test above checks)."""
+    import re
+
     makefile = (REPO / "Makefile").read_text()
-    assert "-n 1 --max-worker-restart" in makefile
+    assert re.search(r"pytest .*-n \$\(TEST_WORKERS\) .*--max-worker-restart=\d+", makefile), makefile
 
 
 @pytest.mark.timeout(180)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 import peft_dist
-from conftest import REPO, TINY_VIT
+from conftest import REPO, TINY_VIT, run_measuring_cpu
 from peft_dist.config import ConfigError
 from peft_dist.memory.study import CSV_COLUMNS, load_study, parse_filters, run_grid, synthetic_spt_allocation
 
@@ -128,23 +128,20 @@ def test_synthetic_spt_allocation_trains_exactly_its_budget(tmp_path, structured
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_anchor_study_runs_in_under_three_minutes_and_meets_the_snell_over_lora_target(tmp_path):
+@pytest.mark.timeout(480)  # a hang guard only: what the test bounds is the study's CPU time
+def test_anchor_study_costs_under_three_cpu_minutes_and_meets_the_snell_over_lora_target(tmp_path):
     """SNELL Table A8(b)/A12 setting (ViT-B/L/H, batch 8, fp32, one device), estimated on CPU for the methods the
     ratios need (LoRA-8, SNELL-8, sparse_masked) with both attention kinds: 18 points (the whole grid, every method
     twice, is 60 and takes about three minutes on 2 cores; CI's budget takes the subset)."""
-    import subprocess
     import sys
-    import time
 
-    start = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "peft_dist.cli", "study", "--grid",
-                        "configs/studies/snell_table_a8.yaml", "--filter", "method=lora-8,snell-8,sparse_masked",
-                        "--out", str(tmp_path)], cwd=REPO,
-                       capture_output=True, text=True, timeout=230)
-    seconds = time.monotonic() - start
+    r, cpu_seconds = run_measuring_cpu([sys.executable, "-m", "peft_dist.cli", "study", "--grid",
+                                        "configs/studies/snell_table_a8.yaml", "--filter",
+                                        "method=lora-8,snell-8,sparse_masked", "--out", str(tmp_path)],
+                                       cwd=REPO, capture_output=True, text=True, timeout=450)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert seconds < 180, seconds
+    print(f"anchor study: {cpu_seconds:.0f} CPU seconds")
+    assert cpu_seconds < 180, cpu_seconds  # its cost, which other tests sharing the cores do not inflate
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["failed"] == 0 and summary["ok"] == summary["points"]
     ratios = {(x["ratio"], x["backbone"], x["attention"]): x for x in summary["ratios"]}
