@@ -153,6 +153,9 @@ def test_multi_node_template_equals_the_single_node_run(reference, multi_node):
     assert summary["world_size"] == 4 and summary["steps"] == STEPS
     assert multi_node.field("NodeList") == "node[1-2]"
     assert "rendezvous node1:" in multi_node.log()
+    for node in ("node1", "node2"):  # each node's slurmd started its torchrun
+        slurmd_log = (multi_node.slurm.root / "log" / f"slurmd-{node}.log").read_text()
+        assert f"launch task StepId={multi_node.id}.0 " in slurmd_log
     assert logged_steps(multi_node.out_dir) == list(range(1, STEPS + 1))
     assert_same_adapters(reference.out_dir, multi_node.out_dir)
 
