@@ -47,7 +47,8 @@ demo: $(STAMP)
 
 # The tests run in xdist workers, so a native crash fails that test and a new worker runs the rest. Two workers on
 # a 2-core machine: with one, the suite keeps only about 1.2-1.5 cores busy on average (process start-up,
-# rendezvous, SLURM jobs wait more than they compute). The SLURM tests share one cluster and run in one worker (--dist loadgroup, tests/conftest.py).
+# rendezvous, SLURM jobs wait more than they compute). The SLURM tests share one cluster and run in one worker
+# (--dist loadgroup, tests/conftest.py).
 TEST_WORKERS   ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=20 $(TESTS)
