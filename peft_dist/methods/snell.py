@@ -195,8 +195,9 @@ class KernelFactors(nn.Module):
         return result
 
     def extra_repr(self) -> str:
+        shape = getattr(self.A, "ds_shape", self.A.shape)  # a ZeRO-3 partition's own shape is its flat slice
         return (f"{self.matrix_name}: d_in={self.in_features}, d_out={self.out_features}, "
-                f"rank={self.A.shape[0] * self.A.shape[2]}, kernel={self.kind}")
+                f"rank={shape[0] * shape[2]}, kernel={self.kind}")
 
 
 class SnellLinear(AdaptedModule):
