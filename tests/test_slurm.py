@@ -7,6 +7,10 @@ in its own network and UTS namespace), started once for the module.
   every step logged once; killing node2's training processes mid-run ends every rank within dist.timeout_s and
   the requeued job resumes from the last checkpoint to the same adapters; a requeued job that fails before it trains
   (a marker from an earlier preemption, then a start-up failure) ends without requeueing itself again.
+- scancel's SIGTERM stops a single-node job with a checkpoint and no requeue.
+
+Import time dominates (torch + timm per process, 2 cores): jobs are tiny (TINY_VIT, 40 steps), the uninterrupted
+multi-node job is the reference of every later one, and the jobs that only test a decision run one process a node.
 """
 from __future__ import annotations
 
