@@ -37,6 +37,46 @@ FILL_OPS = {torch.ops.aten.uniform_.default, torch.ops.aten.normal_.default, tor
 COPY = torch.ops.aten.copy_.default
 
 
+class _Ref:
+    """A meta tensor as an op saw it: its storage (kept alive, so storage keys stay unique), size, stride, offset and
+    dtype. Recording the tensor itself would not do: a Parameter is mutable, and a later ``p.data = ...`` (an
+    engine's cast of the frozen weights to bf16) would change what the recording says an earlier op touched."""
+
+    is_meta = True
+
+    def __init__(self, t: torch.Tensor):
+        self.storage, self.shape, self.dtype = t.untyped_storage(), t.size(), t.dtype
+        self._stride, self._offset, self._contiguous = t.stride(), t.storage_offset(), t.is_contiguous()
+
+    def untyped_storage(self):
+        return self.storage
+
+    def size(self):
+        return self.shape
+
+    def stride(self):
+        return self._stride
+
+    def storage_offset(self) -> int:
+        return self._offset
+
+    def is_contiguous(self) -> bool:
+        return self._contiguous
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+
+TENSORS = (torch.Tensor, _Ref)
+
+
+def _snapshot(x):
+    return _Ref(x) if isinstance(x, torch.Tensor) and x.is_meta else x
+
+
 def _key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
@@ -79,7 +119,8 @@ class _Recorder(TorchDispatchMode):
         flat, _ = tree_flatten((args, kwargs))
         generators = {id(g): g.get_state() for g in flat if isinstance(g, torch.Generator)}
         out = func(*args, **kwargs)
-        self.ops.append(_Op(func, args, kwargs, out, generators))
+        self.ops.append(_Op(func, tree_map(_snapshot, args), tree_map(_snapshot, kwargs), tree_map(_snapshot, out),
+                            generators))
         return out
 
 
@@ -99,7 +140,7 @@ class _ConstantRecorder(TorchFunctionMode):
         if isinstance(out, torch.Tensor) and out.device.type == "meta" and not any(t.is_meta for t in inputs) \
                 and (inputs or func in (torch.tensor, torch.as_tensor)):
             with torch.device("cpu"):
-                self.ops.append(_Op(None, (), {}, out, {}, constant=func(*tree_map(_on_cpu, args),
+                self.ops.append(_Op(None, (), {}, _Ref(out), {}, constant=func(*tree_map(_on_cpu, args),
                                                                            **tree_map(_on_cpu, kwargs))))
         return out
 
@@ -200,7 +241,7 @@ class DeferredInit:
 
     def _run(self, op: _Op, real_of, real: dict, generators: dict) -> None:
         def convert(x):
-            if isinstance(x, torch.Tensor):
+            if isinstance(x, TENSORS):
                 return real_of(x)
             if isinstance(x, torch.Generator):  # one stand-in per generator, from its state at first use
                 if id(x) not in generators:
@@ -216,7 +257,7 @@ class DeferredInit:
         metas, _ = tree_flatten(op.out)
         outs, _ = tree_flatten(out)
         for m, r in zip(metas, outs):
-            if isinstance(m, torch.Tensor) and _key(m) in op.produced:
+            if isinstance(m, TENSORS) and _key(m) in op.produced:
                 if r.stride() != m.stride() or r.storage_offset() != m.storage_offset():
                     raise MetaBuildError(f"{op.func}: the meta kernel lays its output out unlike the CPU kernel")
                 real[_key(m)] = r.untyped_storage()
@@ -255,11 +296,11 @@ def _analyse(ops: list[_Op]) -> dict[int, int]:
         schema = op.func._schema.arguments
         inputs = []
         for i, arg in enumerate(op.args):
-            tensors = [t for t in tree_flatten(arg)[0] if isinstance(t, torch.Tensor)]
+            tensors = [t for t in tree_flatten(arg)[0] if isinstance(t, TENSORS)]
             written = i < len(schema) and schema[i].alias_info is not None and schema[i].alias_info.is_write
             inputs.append((tensors, written))
         for name, arg in op.kwargs.items():
-            tensors = [t for t in tree_flatten(arg)[0] if isinstance(t, torch.Tensor)]
+            tensors = [t for t in tree_flatten(arg)[0] if isinstance(t, TENSORS)]
             spec = next((a for a in schema if a.name == name), None)
             inputs.append((tensors, spec is not None and spec.alias_info is not None and spec.alias_info.is_write))
         arg_keys = {_key(t) for tensors, _ in inputs for t in tensors}
@@ -277,7 +318,7 @@ def _analyse(ops: list[_Op]) -> dict[int, int]:
                 if op.func in FILL_OPS or _key(op.args[1]) != _key(target):
                     op.reads.discard(_key(target))
         for t in tree_flatten(op.out)[0]:
-            if isinstance(t, torch.Tensor) and _key(t) not in arg_keys:
+            if isinstance(t, TENSORS) and _key(t) not in arg_keys:
                 op.produced.add(_key(t))
                 sizes[_key(t)] = t.untyped_storage().nbytes()
         op.random = torch.Tag.nondeterministic_seeded in op.func.tags
@@ -309,7 +350,7 @@ def record_build(build_backbone: Callable[[], nn.Module], apply_method: Callable
                              "use dist.init=full") from None
     torch.set_rng_state(rng_state)  # CPU ops inside the build (timm's drop-path linspace) are run again by the replay
     sizes = _analyse(recorder.ops)
-    tensors = _named_tensors(model)
+    tensors = {fqn: _snapshot(t) for fqn, t in _named_tensors(model).items()}
     names: dict[int, list[str]] = {}
     for fqn, t in tensors.items():
         if _key(t) not in sizes:
