@@ -46,31 +46,60 @@ def test_replay_gives_the_plain_build_and_rng(method):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
+def tiny_checkpoints(tmp_path_factory):
+    """The same weights as .safetensors, .pth and JAX-layout .npz; another head size, so the head stays random."""
     from conftest import tiny_vit
+    from npz_format import vit_to_jax_npz
 
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_file(tiny_vit(num_classes=7, seed=11).state_dict(), str(path))  # another head size: the head stays random
-    return path
+    folder = tmp_path_factory.mktemp("ckpt")
+    model = tiny_vit(num_classes=7, seed=11)
+    save_file(model.state_dict(), str(folder / "tiny.safetensors"))
+    torch.save(model.state_dict(), folder / "tiny.pth")
+    vit_to_jax_npz(model, folder / "tiny.npz")
+    return {suffix: folder / f"tiny.{suffix}" for suffix in ("safetensors", "pth", "npz")}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_checkpoints):
+    return tiny_checkpoints["safetensors"]
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "pth", "npz"])
+def test_replay_loads_each_checkpoint_format_as_the_plain_build(tiny_checkpoints, suffix):
+    """One process: the checkpoint read tensor by tensor during the replay gives what the plain build's whole-file
+    load gives (the head and the adapters from the RNG stream, as there)."""
+    from peft_dist.config import load_config
+    from peft_dist.models.materialize import materialize
+    from peft_dist.train.trainer import build_model
+
+    overrides = TINY + ["method.name=lora", f"model.checkpoint={tiny_checkpoints[suffix]}"]
+    expected = plain_build(overrides)
+    model, _ = build_model(load_config(None, overrides + ["dist.engine=fsdp2"]))
+    materialize(model, torch.device("cpu"))
+    got = model.state_dict()
+    assert [k for k in expected if not torch.equal(got[k], expected[k])] == []
+    assert torch.equal(got["blocks.0.attn.qkv.base.weight"], load_file(str(tiny_checkpoints["safetensors"]))[
+        "blocks.0.attn.qkv.weight"])
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("with_checkpoint", [False, True])
-def test_fsdp2_shards_gather_to_the_plain_build(tmp_path, tiny_checkpoint, with_checkpoint):
+@pytest.mark.parametrize("checkpoint", [None, "safetensors", "npz"])
+def test_fsdp2_shards_gather_to_the_plain_build(tmp_path, tiny_checkpoints, checkpoint):
     """2 gloo ranks, LoRA: the shards gathered after start-up equal the 1-rank plain build (random init, or the
-    checkpoint's weights with a random head and adapters), and a training step runs on them."""
+    checkpoint's weights, read as slices, with a random head and adapters), and a training step runs on them."""
     overrides = TINY + ["method.name=lora", "data.source=synthetic", "train.steps=1", "train.progress=false",
                         "tracking.enabled=false", f"train.out_dir={tmp_path / 'run'}"]
-    if with_checkpoint:
-        overrides.append(f"model.checkpoint={tiny_checkpoint}")
+    if checkpoint:
+        overrides.append(f"model.checkpoint={tiny_checkpoints[checkpoint]}")
     out = tmp_path / "full.safetensors"
     spawn_two_ranks(full_values_after_build, overrides + ["dist.engine=fsdp2"], str(out))
     got, expected = load_file(str(out)), plain_build(overrides)
     assert got.keys() == expected.keys()
     assert [k for k in got if not torch.equal(got[k], expected[k])] == []
-    if with_checkpoint:
-        assert torch.equal(got["blocks.1.mlp.fc2.weight"], load_file(str(tiny_checkpoint))["blocks.1.mlp.fc2.weight"])
+    if checkpoint:
+        weights = load_file(str(tiny_checkpoints["safetensors"]))
+        assert torch.equal(got["blocks.1.mlp.fc2.weight"], weights["blocks.1.mlp.fc2.weight"])
 
 
 @pytest.mark.distributed
