@@ -7,6 +7,7 @@ in its own network and UTS namespace), started once for the module.
   every step logged once; killing node2's training processes mid-run ends every rank within dist.timeout_s and
   the requeued job resumes from the last checkpoint to the same adapters; a requeued job that fails before it trains
   (a marker from an earlier preemption, then a start-up failure) ends without requeueing itself again.
+- a SIGUSR1 that reaches torchrun after the summary was written (torchrun then exits 1) still completes the job.
 - scancel's SIGTERM stops a single-node job with a checkpoint and no requeue.
 
 Import time dominates (torch + timm per process, 2 cores): jobs are tiny (TINY_VIT, 40 steps), the uninterrupted
@@ -15,6 +16,7 @@ multi-node job is the reference of every later one, and the jobs that only test 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PYTHON, REPO, TINY_VIT
-from slurm_cluster import FINISHED, SlurmUnavailable, TwoNodeSlurm, ensure_installed
+from slurm_cluster import FINISHED, NODES, SlurmUnavailable, TwoNodeSlurm, ensure_installed
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 
@@ -177,6 +179,18 @@ def training_processes(slurm: TwoNodeSlurm, node: str) -> list[int]:
     return found
 
 
+def torchrun_processes(slurm: TwoNodeSlurm, node: str) -> list[int]:
+    found = []
+    for pid in slurm.pids_on(node):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"torch.distributed.run" in argv:
+            found.append(pid)
+    return found
+
+
 def resumed_at(log: str) -> int:
     lines = [line for line in log.splitlines() if line.startswith("resumed from ")]
     assert len(lines) == 1, log[-3000:]
@@ -194,6 +208,29 @@ def test_sigusr1_checkpoints_requeues_and_resumes_to_the_same_adapters(slurm, wo
     assert 8 <= resumed_at(log) < STEPS
     assert logged_steps(job.out_dir) == list(range(1, STEPS + 1))  # no step lost or repeated across the requeue
     assert_same_adapters(multi_node.out_dir, job.out_dir, resumed=True)
+
+
+def test_sigusr1_after_the_summary_still_completes_the_job(slurm, work):
+    """SLURM's USR1 reaches torchrun once its workers wrote the summary: torchrun then exits 1 although every worker
+    finishes; the job is COMPLETED, not FAILED."""
+    import os
+    import signal
+
+    job = Job(slurm, work, "signalled-at-end", "multi_node", 2, per_node=1)
+    summary = job.out_dir / "summary.json"
+    deadline = time.monotonic() + 180
+    while not summary.is_file():
+        assert time.monotonic() < deadline and job.field("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), \
+            job.log()[-3000:]
+        time.sleep(0.005)
+    agents = [pid for node in NODES for pid in torchrun_processes(slurm, node)]
+    for pid in agents:
+        os.kill(pid, signal.SIGUSR1)  # as the step's --signal=USR1 would, a moment later than for the workers
+    assert job.wait() == "COMPLETED", job.log()[-3000:]
+    # torchrun's 1, or srun's 143 for the node whose torchrun it then terminated
+    assert agents and re.search(r"finished \(status [1-9]\d* after the summary was written\)", job.log()), \
+        job.log()[-3000:]
+    assert job.field("Restarts") == "0"
 
 
 def test_killing_one_node_ends_every_rank_and_the_requeued_job_resumes(slurm, work, multi_node):
