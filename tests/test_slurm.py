@@ -180,6 +180,7 @@ def training_processes(slurm: TwoNodeSlurm, node: str) -> list[int]:
 
 
 def torchrun_processes(slurm: TwoNodeSlurm, node: str) -> list[int]:
+    """Processes on ``node`` whose command line runs torch.distributed.run (torchrun, and srun starting it)."""
     found = []
     for pid in slurm.pids_on(node):
         try:
@@ -219,13 +220,18 @@ def test_sigusr1_after_the_summary_still_completes_the_job(slurm, work):
     job = Job(slurm, work, "signalled-at-end", "multi_node", 2, per_node=1)
     summary = job.out_dir / "summary.json"
     deadline = time.monotonic() + 180
-    while not summary.is_file():
-        assert time.monotonic() < deadline and job.field("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), \
-            job.log()[-3000:]
+    next_state_check = 0.0
+    while not summary.is_file():  # polled tightly: torchrun outlives the summary by a fraction of a second
+        if time.monotonic() > next_state_check:
+            assert job.field("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job.log()[-3000:]
+            next_state_check = time.monotonic() + 0.5
+        assert time.monotonic() < deadline, job.log()[-3000:]
         time.sleep(0.005)
+    # torchrun on each node (and the batch script's srun, which forwards the signal), as the step's --signal=USR1
+    # reaches them, here a moment after the workers
     agents = [pid for node in NODES for pid in torchrun_processes(slurm, node)]
     for pid in agents:
-        os.kill(pid, signal.SIGUSR1)  # as the step's --signal=USR1 would, a moment later than for the workers
+        os.kill(pid, signal.SIGUSR1)
     assert job.wait() == "COMPLETED", job.log()[-3000:]
     # torchrun's 1, or srun's 143 for the node whose torchrun it then terminated
     assert agents and re.search(r"finished \(status [1-9]\d* after the summary was written\)", job.log()), \
