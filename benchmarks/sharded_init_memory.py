@@ -3,7 +3,7 @@ the whole model (dist.init=full): ViT-B/16 measured on gloo ranks from a local s
 on the meta device from the sizes of its FSDP2 shards. The last line is JSON.
 
     DS_ACCELERATOR=cpu .venv/bin/python benchmarks/sharded_init_memory.py [--ranks 4] [--img-size 224]
-        [--checkpoint PATH]
+        [--engine fsdp2|zero3] [--checkpoint PATH]
 """
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 
+ENGINES = {"fsdp2": ["dist.engine=fsdp2"], "zero3": ["dist.engine=deepspeed", "dist.zero_stage=3", "data.batch_size=1"]}
+
+
 def write_vit_b(path: Path) -> None:
     import timm
     from safetensors.torch import save_file
@@ -28,7 +31,7 @@ def write_vit_b(path: Path) -> None:
     save_file(timm.create_model("vit_base_patch16_224", pretrained=False).state_dict(), str(path))
 
 
-def measure(ranks: int, checkpoint: Path, init: str, work: Path, img_size: int) -> list[dict]:
+def measure(ranks: int, checkpoint: Path, init: str, work: Path, img_size: int, engine: str) -> list[dict]:
     import torch.multiprocessing as mp
 
     from conftest import free_port
@@ -36,7 +39,7 @@ def measure(ranks: int, checkpoint: Path, init: str, work: Path, img_size: int) 
 
     overrides = ["model.name=vit_base_patch16_224", "model.num_classes=10", f"model.kwargs={{img_size: {img_size}}}",
                  f"data.img_size={img_size}", "method.name=lora",
-                 "dist.engine=fsdp2", f"model.checkpoint={checkpoint}", "train.steps=1", "train.progress=false",
+                 *ENGINES[engine], f"model.checkpoint={checkpoint}", "train.steps=1", "train.progress=false",
                  "tracking.enabled=false", "memory.enabled=false", f"dist.init={init}",
                  f"train.out_dir={work / (init + '-run')}"]
     out = work / init
@@ -68,6 +71,7 @@ def sharded_bytes_on_meta(name: str, ranks: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=4)
+    parser.add_argument("--engine", choices=list(ENGINES), default="fsdp2")
     parser.add_argument("--img-size", type=int, default=224, help="32 keeps the one training step cheap on a CPU")
     parser.add_argument("--checkpoint", type=Path, default=None, help="a ViT-B/16 safetensors file (written if absent)")
     args = parser.parse_args()
@@ -76,17 +80,17 @@ def main() -> None:
         checkpoint = args.checkpoint or work / "vit_b.safetensors"
         if not checkpoint.is_file():
             write_vit_b(checkpoint)
-        vit_b = {init: measure(args.ranks, checkpoint, init, work, args.img_size) for init in ("sharded", "full")}
+        vit_b = {init: measure(args.ranks, checkpoint, init, work, args.img_size, args.engine) for init in ("sharded", "full")}
     for init, ranks in vit_b.items():
         for r, fig in enumerate(ranks):
-            print(f"ViT-B {init:7s} rank {r}: peak RSS +{fig['peak_increase_mib']:.0f} MiB over "
+            print(f"ViT-B {args.engine} {init:7s} rank {r}: peak RSS +{fig['peak_increase_mib']:.0f} MiB over "
                   f"{fig['baseline_mib']:.0f} MiB after imports (anon {fig['after_build_anon_mib']:.0f}, "
                   f"file-mapped {fig['after_build_file_mib']:.0f}); build {fig['build_s']:.1f} s")
     vit_h = {n: sharded_bytes_on_meta("vit_huge_patch14_224", n) for n in (args.ranks, 8)}
     for n, fig in vit_h.items():
         print(f"ViT-H/14 on {n} ranks (meta): model {fig['model_mib']:.0f} MiB; per rank, full build holds it all, "
               f"sharded {fig['shard_mib']:.0f} MiB of shards + {fig['largest_tensor_mib']:.0f} MiB largest tensor")
-    print(json.dumps({"ranks": args.ranks, "img_size": args.img_size, "vit_b": {init: [{k: round(v, 2) if isinstance(v, float) else v
+    print(json.dumps({"engine": args.engine, "ranks": args.ranks, "img_size": args.img_size, "vit_b": {init: [{k: round(v, 2) if isinstance(v, float) else v
                                                                for k, v in fig.items() if k != "mismatched"}
                                                               for fig in ranks] for init, ranks in vit_b.items()},
                       "vit_b_model_mib": sharded_bytes_on_meta("vit_base_patch16_224", args.ranks),

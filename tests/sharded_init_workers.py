@@ -84,6 +84,10 @@ def startup_peak_memory(rank: int, world: int, port: int, overrides: list[str], 
                 if isinstance(p, DTensor):
                     local = p.to_local()
                     expected = f.get_slice(plain)[local_slices(p.shape, p.device_mesh, p.placements)]
+                elif hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's span of the flattened tensor, zero-padded
+                    local, size = p.ds_tensor.detach(), p.ds_tensor.numel()
+                    flat = f.get_tensor(plain).flatten()[rank * size:(rank + 1) * size]
+                    expected = torch.cat([flat, flat.new_zeros(size - flat.numel())])
                 else:
                     local, expected = p, f.get_tensor(plain)
                 if not torch.equal(local.detach(), expected):

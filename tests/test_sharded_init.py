@@ -36,7 +36,7 @@ def test_replay_gives_the_plain_build_and_rng(method):
     overrides = TINY + [f"method.name={method}"]
     expected = plain_build(overrides)
     rng_after_plain = torch.get_rng_state()
-    model, _ = build_model(load_config(None, overrides + ["dist.engine=fsdp2"]))
+    model, _ = build_model(load_config(None, overrides + ["dist.engine=fsdp2"]), on_meta_for_engine=True)
     assert is_deferred(model) and all(p.is_meta for p in model.parameters())
     materialize(model, torch.device("cpu"))
     got = model.state_dict()
@@ -74,7 +74,7 @@ def test_replay_loads_each_checkpoint_format_as_the_plain_build(tiny_checkpoints
 
     overrides = TINY + ["method.name=lora", f"model.checkpoint={tiny_checkpoints[suffix]}"]
     expected = plain_build(overrides)
-    model, _ = build_model(load_config(None, overrides + ["dist.engine=fsdp2"]))
+    model, _ = build_model(load_config(None, overrides + ["dist.engine=fsdp2"]), on_meta_for_engine=True)
     materialize(model, torch.device("cpu"))
     got = model.state_dict()
     assert [k for k in expected if not torch.equal(got[k], expected[k])] == []

@@ -46,10 +46,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: RunConfig):
-    """The backbone with the method applied (identical on every rank: same seed before creation). Under sharded
-    initialization (``dist.init``) it stays on the meta device, recorded, and the engine materializes its shards
-    with the same values after sharding (``peft_dist.models.materialize``)."""
+def build_model(cfg: RunConfig, on_meta_for_engine: bool = False):
+    """The backbone with the method applied (identical on every rank: same seed before creation). With
+    ``on_meta_for_engine`` (the trainer, under sharded initialization: :func:`sharded_init`) it stays on the meta
+    device, recorded, and the engine materializes its shards with the same values after sharding
+    (``peft_dist.models.materialize``); the dry run, the estimator and evaluation get the plain model."""
     seed_everything(cfg.train.seed)
 
     def backbone(checkpoint=None):
@@ -61,7 +62,7 @@ def build_model(cfg: RunConfig):
         method.apply(model)
         return method
 
-    if sharded_init(cfg):
+    if on_meta_for_engine:
         from peft_dist.models.materialize import build_on_meta
 
         return build_on_meta(backbone, with_method, cfg.model.checkpoint)
@@ -166,7 +167,7 @@ class Trainer:
         if data_classes is not None and data_classes != cfg.model.num_classes:
             raise ConfigError(f"model.num_classes: got {cfg.model.num_classes}, but the data has {data_classes} "
                               f"classes; set model.num_classes={data_classes}")
-        self.model, self.method = build_model(cfg)
+        self.model, self.method = build_model(cfg, on_meta_for_engine=sharded_init(cfg))
         if builds_loaders:  # loaders handed in (tests, notebooks) bring images of their own size
             from peft_dist.models.backbone import check_image_size
 
