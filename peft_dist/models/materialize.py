@@ -103,7 +103,7 @@ class _Op:
     checkpoint_names: dict[int, str] = field(default_factory=dict)
     """Only for the checkpoint's pseudo-op: storage key -> the plain backbone's state-dict name it loads."""
     constant: torch.Tensor | None = None
-    """Only for a ``torch.tensor(data)`` call: its value on CPU (the meta tensor it made holds no data)."""
+    """Only for a meta tensor made from data (``torch.tensor(x)``, ``cpu_tensor.to(meta)``): its value on CPU."""
     needed: bool = True
     drop_after: set[int] = field(default_factory=set)
     final_after: set[int] = field(default_factory=set)
@@ -171,7 +171,7 @@ class DeferredInit:
     names: dict[int, list[str]]
     """Storage key -> every FQN (parameters and buffers, as in the finished model) that views it."""
     tensors: dict[str, torch.Tensor]
-    """FQN -> the meta tensor (its size, stride and offset into its storage)."""
+    """FQN -> the finished model's tensor as recorded (its size, stride and offset into its storage)."""
     plain_names: dict[str, int]
     """The plain backbone's state-dict names (what a checkpoint holds) -> storage key."""
     checkpoint_at: int
