@@ -14,12 +14,17 @@ CONSTRAINTS    := constraints/torch-$(TORCH).txt
 STAMP          := $(VENV)/.peft-dist-installed
 TESTS          ?= tests
 # What depends on the torch minor: engines, estimator, dry run, SNELL's autograd kernels, SNELLA, checkpoints (the
-# state-dict API that reshards), bf16 precision, the test harness and run safety (trainer paths). SNELL's method
+# state-dict API that reshards), bf16 precision, the test harness and run safety (trainer paths), FSDP2's 2-D mesh
+# (HSDP) and sharded initialization (a TorchDispatchMode recording replayed over DTensor shards; its ViT-B memory
+# test runs once). SNELL's method
 # tests and the data loaders run once, under the default torch (CI's time budget).
 VERSION_TESTS  := tests/test_engines.py tests/test_ddp.py tests/test_memory_estimator.py tests/test_dry_run.py \
                   tests/test_snell_kernel.py tests/test_snella.py tests/test_checkpoint.py \
                   tests/test_activation_checkpointing.py tests/test_memory_profiler.py tests/test_compat.py \
-                  tests/test_harness.py tests/test_precision.py tests/test_run_safety.py
+                  tests/test_harness.py tests/test_precision.py tests/test_run_safety.py \
+                  tests/test_hsdp.py tests/test_sharded_init.py::test_replay_gives_the_plain_build_and_rng \
+                  tests/test_sharded_init.py::test_fsdp2_shards_gather_to_the_plain_build \
+                  tests/test_sharded_init.py::test_zero3_partitions_gather_to_the_plain_build
 # DeepSpeed on a machine without a GPU: its CPU accelerator (no compiled ops needed at install time).
 export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS ?= 0
