@@ -16,8 +16,7 @@ TESTS          ?= tests
 # What depends on the torch minor: engines, estimator, dry run, SNELL's autograd kernels, SNELLA, checkpoints (the
 # state-dict API that reshards), bf16 precision, the test harness and run safety (trainer paths), FSDP2's 2-D mesh
 # (HSDP) and sharded initialization (a TorchDispatchMode recording replayed over DTensor shards; its ViT-B memory
-# test runs once). SNELL's method
-# tests and the data loaders run once, under the default torch (CI's time budget).
+# test runs once). SNELL's method tests and the data loaders run once, under the default torch (CI's time budget).
 VERSION_TESTS  := tests/test_engines.py tests/test_ddp.py tests/test_memory_estimator.py tests/test_dry_run.py \
                   tests/test_snell_kernel.py tests/test_snella.py tests/test_checkpoint.py \
                   tests/test_activation_checkpointing.py tests/test_memory_profiler.py tests/test_compat.py \
