@@ -166,30 +166,26 @@ def test_multi_node_template_equals_the_single_node_run(reference, multi_node):
     assert_same_adapters(reference.out_dir, multi_node.out_dir)
 
 
-def training_processes(slurm: TwoNodeSlurm, node: str) -> list[int]:
-    """The training processes (torchrun's workers, not torchrun itself) running on ``node``."""
-    found = []
+def command_lines_on(slurm: TwoNodeSlurm, node: str) -> dict[int, list[bytes]]:
+    """Each process on ``node`` and its argv (processes that exit while being read are left out)."""
+    found = {}
     for pid in slurm.pids_on(node):
         try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"peft_dist.cli" in argv and b"torch.distributed.run" not in argv:
-            found.append(pid)
     return found
+
+
+def training_processes(slurm: TwoNodeSlurm, node: str) -> list[int]:
+    """The training processes (torchrun's workers, not torchrun itself) running on ``node``."""
+    return [pid for pid, argv in command_lines_on(slurm, node).items()
+            if b"peft_dist.cli" in argv and b"torch.distributed.run" not in argv]
 
 
 def torchrun_processes(slurm: TwoNodeSlurm, node: str) -> list[int]:
     """Processes on ``node`` whose command line runs torch.distributed.run (torchrun, and srun starting it)."""
-    found = []
-    for pid in slurm.pids_on(node):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"torch.distributed.run" in argv:
-            found.append(pid)
-    return found
+    return [pid for pid, argv in command_lines_on(slurm, node).items() if b"torch.distributed.run" in argv]
 
 
 def resumed_at(log: str) -> int:

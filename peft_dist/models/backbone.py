@@ -165,12 +165,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as e:  # corrupt or foreign file: say which file
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    return unwrap_state_dict(sd, path)
+
+
+def unwrap_state_dict(loaded: object, path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded ``.pth``: the dict itself, or the one under a training script's ``model`` /
+    ``state_dict`` / ``module`` key."""
     for wrapper in ("model", "state_dict", "module"):
-        if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
-            sd = sd[wrapper]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        if isinstance(loaded, dict) and wrapper in loaded and isinstance(loaded[wrapper], dict):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
-    return sd
+    return loaded
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:

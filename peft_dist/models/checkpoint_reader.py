@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from peft_dist.models.backbone import (CHECKPOINT_SUFFIXES, CheckpointError, filter_for_model, fitting_keys,
-                                       head_keys)
+                                       head_keys, unwrap_state_dict)
 
 
 class CheckpointReader:
@@ -62,12 +62,7 @@ class CheckpointReader:
             if "mmap" not in str(e):
                 raise
             sd = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy format: read whole
-        for wrapper in ("model", "state_dict", "module"):
-            if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
-                sd = sd[wrapper]
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise CheckpointError(f"checkpoint {self.path} does not hold a state dict of tensors")
-        return sd
+        return unwrap_state_dict(sd, self.path)
 
     def _sort(self, raw: dict[str, object], own: dict[str, tuple[int, ...]], plain_model: nn.Module) -> None:
         for name, handle in raw.items():
