@@ -15,7 +15,7 @@ Which signal means what, on SLURM:
   :data:`STOP_EXIT_CODE`, writing no marker, so the batch script does not requeue.
 
 Under ``srun`` every task gets the signal; under torchrun add ``--signals-to-handle=SIGTERM,SIGINT,SIGUSR1``.
-DataLoader workers ignore both (:func:`ignore_in_worker`): only the training process acts on them.
+DataLoader workers ignore SIGUSR1 (:func:`ignore_in_worker`): only the training process acts on it.
 """
 from __future__ import annotations
 
@@ -86,8 +86,13 @@ class PreemptionFlag:
 def ignore_in_worker(worker_id: int) -> None:  # noqa: ARG001 — DataLoader's worker_init_fn signature
     """DataLoader ``worker_init_fn``: SLURM signals every process of the step, loader workers included. A worker
     started by fork would run the trainer's handler on a copy of its flag, one started by spawn would die of the
-    default action and fail the batch the training process needs to reach its checkpoint; so the worker ignores
-    both signals and leaves the decision to the training process. It still ends when the loader shuts it down,
-    when the training process dies (DataLoader's parent watchdog), or at SLURM's SIGKILL after ``KillWait``."""
-    for sig in DEFAULT_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    default action and fail the batch the training process needs to reach its checkpoint; so a worker ignores
+    SIGUSR1 and leaves the requeue to the training process.
+
+    SIGTERM keeps its default action: the DataLoader ends a worker that does not stop when asked (stuck on a bad
+    sample, say) with SIGTERM, and so does multiprocessing at exit; a worker ignoring it made the trainer's exit
+    wait in ``join`` forever (seen with one worker and a corrupt sample). The cost: under ``scancel`` (a stop, not
+    a requeue) a run with ``data.num_workers > 0`` loses its workers and ends at its last saved checkpoint instead
+    of writing one. (Telling the two senders apart needs ``sigwaitinfo`` with SIGTERM blocked in every thread, and
+    torch has started threads before ``worker_init_fn`` runs.)"""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)

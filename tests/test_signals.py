@@ -1,7 +1,7 @@
 """SLURM's signals outside the training loop (launcher/preemption.py), on real processes: SIGUSR1 while `peft-dist
 train` is still setting up (before the model is built) requeues instead of killing the process, and a DataLoader
-worker started by spawn survives SIGUSR1 and SIGTERM (only the training process acts on them). tests/test_slurm.py
-covers the batch scripts' side (requeue on SIGUSR1, none on scancel's SIGTERM)."""
+worker started by spawn survives SIGUSR1 (only the training process acts on it) but ends on its DataLoader's SIGTERM.
+tests/test_slurm.py covers the batch scripts' side (requeue on SIGUSR1, none on scancel's SIGTERM)."""
 from __future__ import annotations
 
 import json
@@ -50,7 +50,7 @@ def test_sigusr1_while_setting_up_requeues_without_a_checkpoint(tmp_path):
 
 
 WORKER_SURVIVES = """
-import os, signal, sys
+import os, signal, subprocess, sys
 import torch.multiprocessing as mp
 from peft_dist.config import DataConfig
 from peft_dist.data import build_train_loader
@@ -66,17 +66,55 @@ for batch in loader:
         for task in os.listdir("/proc/self/task"):
             with open(f"/proc/self/task/{task}/children") as f:
                 signalled += [int(p) for p in f.read().split()]
-        for pid in signalled:
-            os.kill(pid, signal.SIGUSR1)
-            os.kill(pid, signal.SIGTERM)  # scancel's, which SLURM sends to every process of the step too
+        for pid in signalled:  # from another process, as SLURM's step daemon sends it
+            subprocess.run(["kill", "-USR1", str(pid)], check=True)
 print(count, len(signalled), loader.batches_per_epoch)
 """
 
 
-def test_a_spawned_loader_worker_ignores_slurms_signals(id_shards):
+def test_a_spawned_loader_worker_ignores_sigusr1(id_shards):
     shards, _ = id_shards
     r = subprocess.run([PYTHON, "-c", WORKER_SURVIVES, str(shards)], cwd=REPO, capture_output=True, text=True,
                        timeout=200)
     assert r.returncode == 0, r.stderr[-3000:]
     count, signalled, per_epoch = map(int, r.stdout.split()[-3:])
     assert signalled >= 1 and count == per_epoch  # the epoch ran to its end after the worker was signalled
+
+
+WORKER_ENDS_WHEN_THE_PARENT_TERMINATES_IT = """
+import os, signal, sys, time
+import torch.multiprocessing as mp
+from peft_dist.config import DataConfig
+from peft_dist.data import build_train_loader
+
+mp.set_start_method("spawn", force=True)
+cfg = DataConfig(path=sys.argv[1], img_size=8, batch_size=8, num_workers=1, mean=(0.5,) * 3, std=(0.5,) * 3)
+loader = build_train_loader(cfg, 0, 1, 0)
+loader.set_epoch(0)
+batches = iter(loader)
+next(batches)
+children = [int(p) for task in os.listdir("/proc/self/task")
+            for p in open(f"/proc/self/task/{task}/children").read().split()]
+workers = [pid for pid in children if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]  # not the
+# resource tracker, which ignores SIGTERM itself
+for pid in workers:
+    os.kill(pid, signal.SIGTERM)  # what DataLoader's shutdown does to a worker that does not stop when asked
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") and
+                                          open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in workers):
+    time.sleep(0.1)
+print(len(workers), sum(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                        for pid in workers))
+os._exit(0)
+"""
+
+
+def test_a_loader_worker_ends_when_the_training_process_terminates_it(id_shards):
+    """A worker ignoring SIGTERM could not be ended by its DataLoader, and the trainer's exit would wait in join
+    forever (seen: a corrupt-sample run with one loader worker never ended)."""
+    shards, _ = id_shards
+    r = subprocess.run([PYTHON, "-c", WORKER_ENDS_WHEN_THE_PARENT_TERMINATES_IT, str(shards)], cwd=REPO,
+                       capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    workers, alive = map(int, r.stdout.split()[-2:])
+    assert workers >= 1 and alive == 0
