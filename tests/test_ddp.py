@@ -11,7 +11,9 @@ from launcher.env import DistEnv
 from peft_dist.config import load_config
 from peft_dist.train.trainer import Trainer
 
-pytestmark = [pytest.mark.distributed]
+# one worker for the file under xdist: every test compares with the module's single-process run, which each worker
+# would otherwise train again
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("test_ddp")]
 
 METHODS = ("lora", "snell", "snella")
 ENGINES = ("ddp", "fsdp2", "deepspeed-1", "deepspeed-2", "deepspeed-3", "fairscale_oss")

@@ -22,6 +22,10 @@ from launcher.dry_run import dry_run
 from peft_dist.config import ConfigError, load_config
 from peft_dist.train import checkpoint as ckpt
 
+# one worker for the file under xdist: its tests share one 4-rank spawn (the module fixture), which each worker
+# would otherwise run again
+pytestmark = pytest.mark.xdist_group("test_hsdp")
+
 METHODS = ("lora", "snell")
 MESHES = {"2x2": [2, 2], "4x1": [4, 1]}
 RUNS = [("lora", "2x2"), ("snell", "2x2"), ("lora", "4x1")]

@@ -55,11 +55,12 @@ SINGLE_METHODS = {
     "hta": ["method.name=hta"],
     "sparse_masked": ["method.name=sparse_masked"],
 }
-ON_TINY_VIT = {"snell-8", "spt_lora"}
+ON_TINY_VIT = {"snell-8", "spt_lora", "arc", "hta", "sparse_masked"}
 """Measured on the tiny ViT instead of ViT-B, beyond this file's CI budget on ViT-B: SNELL's kernel build (every
 adapted matrix's kernel and its threshold search each step) costs ~30 s per ViT-B step on 2 idle CPU cores and
-minutes on a loaded one; SPT-LoRA's ViT-B run took 8 minutes on a loaded machine. ``PEFT_DIST_MEMORY_VIT_B=all``
-measures them on ViT-B too."""
+minutes on a loaded one; SPT-LoRA's ViT-B run took 8 minutes on a loaded machine; ARC, HTA and sparse_masked took
+32-53 s each under CI's two test workers (the 30-minute budget keeps full, linear and LoRA-8 on ViT-B).
+``PEFT_DIST_MEMORY_VIT_B=all`` measures them all on ViT-B."""
 REAL_TENSOR_ESTIMATE = {"spt_lora"}
 """Estimated with real tensors (the estimator's ``fake=False``): SPT's sparse delta gathers the input columns its
 index touches (``torch.unique`` in ``functional/sparse_delta.py``), a size fake tensors cannot know."""
