@@ -14,16 +14,15 @@ CONSTRAINTS    := constraints/torch-$(TORCH).txt
 STAMP          := $(VENV)/.peft-dist-installed
 TESTS          ?= tests
 # What depends on the torch minor: engines, estimator, SNELL's autograd kernels, SNELLA, checkpoints (the
-# state-dict API that reshards), bf16 precision, the test harness and run safety (trainer paths), FSDP2's 2-D mesh
-# (HSDP, with the dry run's bytes on it) and sharded initialization (a TorchDispatchMode recording replayed over
-# DTensor shards). Run once, under the default torch (CI's time budget): SNELL's method tests, the data loaders, the
-# fake-process-group dry runs, every method under ZeRO-3 (ZeRO-3 itself runs under both in test_ddp and
+# state-dict API that reshards), bf16 precision, FSDP2's 2-D mesh (HSDP, with the dry run's bytes on it) and
+# sharded initialization (a TorchDispatchMode recording replayed over DTensor shards). Run once, under the default
+# torch (CI's time budget): SNELL's method tests, the data loaders, the fake-process-group dry runs, the test
+# harness, run safety (trainer paths), every method under ZeRO-3 (ZeRO-3 itself runs under both in test_ddp and
 # test_sharded_init) and the ViT-B start-up memory test.
 VERSION_TESTS  := tests/test_engines.py tests/test_ddp.py tests/test_memory_estimator.py \
                   tests/test_snell_kernel.py tests/test_snella.py tests/test_checkpoint.py \
                   tests/test_activation_checkpointing.py tests/test_memory_profiler.py tests/test_compat.py \
-                  tests/test_harness.py tests/test_precision.py tests/test_run_safety.py \
-                  tests/test_hsdp.py tests/test_sharded_init.py
+                  tests/test_precision.py tests/test_hsdp.py tests/test_sharded_init.py
 VERSION_SKIPS  := tests/test_engines.py::test_every_method_under_zero3 \
                   tests/test_sharded_init.py::test_vit_b_startup_memory_per_rank
 # DeepSpeed on a machine without a GPU: its CPU accelerator (no compiled ops needed at install time).
