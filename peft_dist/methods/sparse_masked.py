@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,9 @@ class SparseMaskedOptions:
     seed: int = 0
     """Seeds the choice of tuned entries (a private generator: the global RNG is untouched)."""
     train_cls_token: bool = True
+
+    run_files: ClassVar[dict[str, str]] = {"sparsity_file": "sparse_masked_sparsity.csv"}
+    """Options naming files, and the copy a run keeps of each (``eval``/``export`` of a copied run use the copy)."""
 
     def validate(self) -> None:
         check_targets(self.targets)
@@ -214,3 +217,14 @@ class SparseMasked(Method):
         return {"tuned_entries": tuned, "masked_matrix_entries": entries,
                 "density": tuned / entries if entries else 0.0,
                 "note": "full-size gradients and AdamW moments for every masked matrix (memory baseline)"}
+
+    def write_artifacts(self, model: nn.Module, out_dir: Path) -> list[Path]:
+        """Keep the per-matrix sparsity file beside the run: the masks are drawn from it, so ``eval`` of a copied
+        run needs it to rebuild them."""
+        if not self.options.sparsity_file:
+            return []
+        path = Path(out_dir) / SparseMaskedOptions.run_files["sparsity_file"]
+        text = Path(self.options.sparsity_file).read_bytes()
+        if not path.is_file() or path.read_bytes() != text:
+            path.write_bytes(text)
+        return [path]

@@ -269,6 +269,8 @@ class SPTOptions:
     which counts them in the budget but never trains them (``replace_linear`` touches only Linears, spec §1.5)."""
 
     structured_type: ClassVar[str] = "lora"
+    run_files: ClassVar[dict[str, str]] = {"allocation": "spt_allocation.json"}
+    """Options naming files, and the copy a run keeps of each (``eval``/``export`` of a copied run use the copy)."""
 
     def validate(self) -> None:
         check_range("method.dropout", self.dropout, low=0.0, high=1.0)

@@ -18,9 +18,36 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"run directory has no config.yaml: {path}")
-    cfg = load_config(path, overrides)
-    relocate_run_paths(cfg, Path(run_dir), {o.split("=", 1)[0].strip() for o in overrides or []})
+    overridden = {o.split("=", 1)[0].strip() for o in overrides or []}
+    # before load_config: validating the method's options reads its files
+    cfg = load_config(path, [*method_file_overrides(path, overridden), *(overrides or [])])
+    relocate_run_paths(cfg, Path(run_dir), overridden)
     return cfg
+
+
+def method_file_overrides(config_path: Path, overridden: set[str]) -> list[str]:
+    """``method.<option>=PATH`` for each file the run's method reads (``run_files`` of its options: SPT's
+    allocation, sparse_masked's sparsity table): the copy the run kept of it, which is what it trained with, else
+    the first of :func:`run_path_candidates` that exists; else nothing, and validation names the missing file."""
+    import yaml
+
+    from peft_dist.methods.registry import method_class
+
+    method = (yaml.safe_load(config_path.read_text()) or {}).get("method") or {}
+    try:
+        run_files = getattr(method_class(method.get("name", "lora")).options_cls, "run_files", {})
+    except ConfigError:
+        return []  # load_config names the unknown method
+    run_dir = config_path.parent
+    out = []
+    for option, kept in run_files.items():
+        value = method.get(option)
+        if not value or f"method.{option}" in overridden:
+            continue
+        found = next((c for c in [run_dir / kept, *run_path_candidates(str(value), run_dir)] if c.is_file()), None)
+        if found is not None:
+            out.append(f"method.{option}={json.dumps(str(found))}")
+    return out
 
 
 RUN_PATH_KEYS = (("model", "checkpoint"), ("data", "path"))
