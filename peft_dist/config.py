@@ -271,9 +271,13 @@ class TrainConfig:
     epochs: int = 1
     seed: int = 0
     grad_accum: int = 1
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """``auto``: bf16 on a CUDA GPU with native bf16, fp32 otherwise (the summary's ``precision`` and the MLflow tag
-    say which)."""
+    say which). ``fp16``: fp16 autocast with a gradient scaler (``torch.amp.GradScaler``; the official ``--amp``),
+    adapters and optimizer state stay fp32; dist.engine single or ddp."""
+    ema_decay: float | None = None
+    """Keep an fp32 exponential moving average of the trainable tensors, updated after every optimizer step
+    (SNELLA's FGVC scripts: timm's ModelEma, 0.9999); evaluation then reports live, EMA and their max. null: off."""
     log_every: int = 10
     eval_every_epochs: int = 0
     """Evaluate every N epochs during training (0: only at the end)."""
@@ -317,6 +321,10 @@ class TrainConfig:
         if self.save_every_minutes is not None:
             _check_range("train.save_every_minutes", self.save_every_minutes, low=0.0)
         _check_range("train.max_nonfinite_skips", self.max_nonfinite_skips, low=1)
+        if self.ema_decay is not None:
+            _check_range("train.ema_decay", self.ema_decay, low=0.0)
+            if self.ema_decay >= 1.0:  # a decay of 1 never moves off the initial copy
+                raise ConfigError(f"train.ema_decay: got {self.ema_decay!r}; allowed: >= 0.0 and < 1.0, or null")
 
     def checkpoint_interval_minutes(self, environ=None) -> float:
         """``save_every_minutes`` resolved: ``null`` is 30 inside a SLURM job, 0 (off) elsewhere."""
