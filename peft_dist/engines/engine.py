@@ -17,6 +17,11 @@ from peft_dist.config import RunConfig
 from peft_dist.models.materialize import is_deferred
 
 
+FP16_ENGINES = ("single", "ddp")
+"""Engines whose gradients ``torch.amp.GradScaler`` can unscale and check: plain local tensors (DDP's are already
+averaged). FSDP2's DTensor shards, DeepSpeed's flat partitions and OSS's sharded optimizer are not offered fp16."""
+
+
 class Engine:
     name = "single"
     forward_needs_all_ranks = False
@@ -32,6 +37,16 @@ class Engine:
         self.device = device
         self.precision = resolve_precision(cfg.train.precision, device)
         """``train.precision`` resolved for this device (``auto`` → bf16 or fp32); what the summary records."""
+        if self.precision == "fp16" and self.name not in FP16_ENGINES:
+            from peft_dist.config import ConfigError
+
+            raise ConfigError(f"train.precision=fp16: not available with dist.engine={self.name} (its gradients "
+                              f"are sharded where the gradient scaler cannot check them); use dist.engine "
+                              f"{' or '.join(FP16_ENGINES)}, or train.precision fp32 or bf16")
+        # fp16 gradients of small adapters underflow without a scale; bf16's range needs none
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        self.scaler_skipped_steps = 0
+        """Optimizer steps the gradient scaler skipped (inf/NaN in the scaled gradients; the scale was lowered)."""
         if cfg.dist.activation_checkpointing:
             apply_activation_checkpointing(self.module)  # before wrapping, so every engine recomputes the same way
         self.model = self.wrap(self.module)
@@ -61,23 +76,40 @@ class Engine:
                 logits = self.model(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing)
             with self.phase("backward"):
-                (loss / self.cfg.train.grad_accum).backward()
+                scaled = loss / self.cfg.train.grad_accum
+                (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
         return loss.detach()
 
     def step(self, step: int) -> float:
-        """Clip, optimizer step, method hook (grads still readable), scheduler, zero grads. Returns the lr used."""
+        """Clip, optimizer step, method hook (grads still readable), scheduler, zero grads. Returns the lr used.
+        Under fp16 the gradients are unscaled first, so the clip norm applies to the true gradient (as timm's
+        NativeScaler does); a step the scaler skips runs no method hook (its gradients hold inf/NaN)."""
         lr = self.optimizer.param_groups[0]["lr"]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.cfg.optim.grad_clip > 0:
             self.clip_grad_norm(self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.method.on_step_end(self.module, step)
+        if self.scaler is None:
+            self.optimizer.step()
+            applied = True
+        else:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            applied = self.scaler.get_scale() >= scale  # update() lowers the scale exactly when it found inf/NaN
+            self.scaler_skipped_steps += not applied
+        if applied:
+            self.method.on_step_end(self.module, step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
     def grad_norm(self) -> torch.Tensor | None:
         """The global L2 norm of the trainable gradients, on the device (all ranks' shards: a collective under
-        FSDP2); None where the engine cannot read its gradients before its step."""
+        FSDP2); None where the engine cannot read its gradients before its step, or where a gradient scaler
+        owns them (fp16: an overflow is the scaler's to skip, not a divergence)."""
+        if self.scaler is not None:
+            return None
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.device)
@@ -109,6 +141,23 @@ class Engine:
         self.model.train(training)
 
     # ------------------------------------------------------------------ state
+    def scaler_state(self) -> dict[str, Any] | None:
+        """The gradient scaler's state as plain values (the checkpoint manifest's JSON), None without fp16."""
+        if self.scaler is None:
+            return None
+        return {**self.scaler.state_dict(), "skipped_steps": self.scaler_skipped_steps}
+
+    def load_scaler_state(self, state: dict[str, Any] | None) -> None:
+        if (state is None) != (self.scaler is None):
+            from peft_dist.models.backbone import CheckpointError
+
+            raise CheckpointError(f"the checkpoint was written {'without' if state is None else 'with'} a gradient "
+                                  f"scaler, this run has train.precision={self.precision}")
+        if state is not None:
+            state = dict(state)
+            self.scaler_skipped_steps = int(state.pop("skipped_steps"))
+            self.scaler.load_state_dict(state)
+
     def state_dict(self, adapters_only: bool = True) -> dict[str, torch.Tensor]:
         """Adapter state (trainable tensors + injected buffers, see ``adapter_state_names``) of the plain model, on
         CPU, keyed as in the timm model; everything with ``adapters_only=False``."""
@@ -217,8 +266,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int, war
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: bf16 on a CUDA device with native bf16 (compute capability 8.0+), fp32 elsewhere, including GPUs
-    that only emulate bf16 (V100, T4: an emulated bf16 step is slower than fp32). fp16 is not offered: without a
-    gradient scaler small adapter gradients underflow. An explicit ``bf16``/``fp32`` is taken as given."""
+    that only emulate bf16 (V100, T4: an emulated bf16 step is slower than fp32). ``auto`` never picks fp16: it
+    needs a gradient scaler (``fp16`` asked for explicitly gets one). An explicit precision is taken as given."""
     if precision != "auto":
         return precision
     if device.type != "cuda":
@@ -228,7 +277,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def _autocast_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of a resolved precision."""
-    return torch.bfloat16 if precision == "bf16" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -6,9 +6,11 @@ Layout under ``<out_dir>/checkpoints/``::
         model.safetensors       trainable tensors + adapter buffers, full (unsharded), by FQN
         optimizer.safetensors   optimizer state, full, ``state/<fqn>/<name>`` (e.g. ``…/exp_avg``, ``…/step``)
         method.safetensors      the method's tensor state (SNELLA's statistics), when it has any
+        ema.safetensors         the EMA of the trainable tensors, full, by FQN (``train.ema_decay``)
         rng-rank{r}.safetensors every rank's CPU (and CUDA) RNG state as tensors; Python's and NumPy's too
         manifest.json           step, scheduler, data position, optimizer hyper-parameters, the method's plain
-                                state, what the run must match (model, method, optimizer), sha256 of every file
+                                state, the fp16 gradient scaler's state, what the run must match (model, method,
+                                optimizer), sha256 of every file
         COMPLETE                written last: a directory without it is never picked
     .tmp-step-00000180/         an interrupted save: never picked, removed by the next save
 
@@ -46,6 +48,7 @@ FORMAT = "peft-dist-checkpoint/1"
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
 MODEL_FILE, OPTIMIZER_FILE, METHOD_FILE = "model.safetensors", "optimizer.safetensors", "method.safetensors"
+EMA_FILE = "ema.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _MAX_MANIFEST_BYTES = 64 << 20
 
@@ -299,8 +302,10 @@ class FullState:
 
 
 def save_checkpoint(engine, cfg, out_dir: str | Path, step: int, trainer_state: dict[str, Any],
-                    scheduler_state: dict[str, Any], method_state: dict[str, Any], keep: int) -> Path:
-    """Write a checkpoint for ``step`` (collective: every rank calls it); returns its final path."""
+                    scheduler_state: dict[str, Any], method_state: dict[str, Any], keep: int,
+                    scaler_state: dict[str, Any] | None = None, ema: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint for ``step`` (collective: every rank calls it); returns its final path. ``scaler_state``:
+    the fp16 gradient scaler's plain state; ``ema``: the full EMA tensors (rank 0's are written)."""
     root = checkpoint_root(out_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -321,6 +326,8 @@ def save_checkpoint(engine, cfg, out_dir: str | Path, step: int, trainer_state: 
         _write_safetensors(tmp / OPTIMIZER_FILE, optim_tensors)
         if method_tensors:
             _write_safetensors(tmp / METHOD_FILE, method_tensors)
+        if ema is not None:
+            _write_safetensors(tmp / EMA_FILE, {k: v.detach().cpu().contiguous() for k, v in ema.items()})
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {
             "format": FORMAT, "step": step, "world_size": _world(), "engine": engine.name,
@@ -328,6 +335,7 @@ def save_checkpoint(engine, cfg, out_dir: str | Path, step: int, trainer_state: 
             "scheduler": _json_checked("scheduler", scheduler_state),
             "trainer": _json_checked("trainer", trainer_state),
             "method": method_plain,
+            "scaler": _json_checked("gradient scaler", scaler_state),
             "optimizer_param_groups": _json_checked("optimizer param groups", full.param_groups),
             "optimizer_plain_state": _json_checked("optimizer state", optim_plain),
             "rng_ranks": _world(),
@@ -375,6 +383,10 @@ class LoadedState:
     trainer: dict[str, Any]
     method: dict[str, Any]
     rng_restored: bool
+    scaler: dict[str, Any] | None = None
+    """The fp16 gradient scaler's state; None when the run that wrote it had none."""
+    ema: dict[str, torch.Tensor] | None = None
+    """The EMA of the trainable tensors (full); None when the run that wrote it kept none."""
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -406,7 +418,9 @@ def load_checkpoint(engine, verified: Verified, cfg) -> LoadedState:
     restored = rng_file.is_file() and int(manifest["rng_ranks"]) == _world()
     if restored:  # at another world size the ranks draw other samples anyway; they keep their seeded RNG
         set_rng_tensors(*_load_tensors(rng_file))
-    return LoadedState(int(manifest["step"]), manifest["scheduler"], manifest["trainer"], method_state, restored)
+    ema = _load_tensors(path / EMA_FILE)[0] if (path / EMA_FILE).is_file() else None
+    return LoadedState(int(manifest["step"]), manifest["scheduler"], manifest["trainer"], method_state, restored,
+                       manifest.get("scaler"), ema)
 
 
 def check_tensors_fit(engine, full: FullState, path: Path) -> None:

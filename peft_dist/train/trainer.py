@@ -34,6 +34,7 @@ from peft_dist.models.backbone import create_backbone
 from peft_dist.tracking import make_tracker
 from peft_dist.tracking.mlflow_logger import RUN_ID_FILE
 from peft_dist.train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from peft_dist.train.ema import TrainableEma
 from peft_dist.train.errors import Diverged
 
 
@@ -178,6 +179,7 @@ class Trainer:
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
         warmup = cfg.optim.warmup_steps or round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.engine = parallelize(self.model, self.method, cfg, env, device, self.total_steps, warmup)
+        self.ema = None if cfg.train.ema_decay is None else TrainableEma(self.engine.module, cfg.train.ema_decay)
 
         self.profiler = MemoryProfiler(env.rank, device, enabled=cfg.memory.enabled, config=cfg.memory,
                                        out_dir=self.out_dir, world_size=env.world_size)
@@ -220,6 +222,14 @@ class Trainer:
         self.skipped = {int(i) for i in state.trainer["skipped"]}
         self.images_seen = int(state.trainer["images_seen"])
         self.nonfinite_skipped = int(state.trainer.get("nonfinite_steps_skipped", 0))
+        self.engine.load_scaler_state(state.scaler)
+        if (state.ema is None) != (self.ema is None):
+            from peft_dist.models.backbone import CheckpointError
+
+            raise CheckpointError(f"checkpoint {verified.path} was written {'without' if state.ema is None else 'with'}"
+                                  f" an EMA, this run has train.ema_decay={self.cfg.train.ema_decay}")
+        if self.ema is not None:
+            self.ema.load_full_tensors(state.ema)
         self.resume_note = "" if state.rng_restored else " (another world size: each rank keeps its seeded RNG)"
 
     def truncate_metrics(self, step: int) -> None:
@@ -236,7 +246,8 @@ class Trainer:
                          "micro_batches_consumed": step * self.cfg.train.grad_accum}
         path = save_checkpoint(self.engine, self.cfg, self.out_dir, step, trainer_state,
                                self.engine.scheduler.state_dict(), self.method.state_dict(),
-                               keep=self.cfg.train.keep_checkpoints)
+                               keep=self.cfg.train.keep_checkpoints, scaler_state=self.engine.scaler_state(),
+                               ema=None if self.ema is None else self.ema.full_tensors())
         self.last_saved_step, self.last_save_time = step, time.monotonic()
         return path
 
@@ -287,19 +298,15 @@ class Trainer:
                 if not last and preempted:
                     self.exit_for_requeue(step + 1, save=self.last_saved_step != step + 1)
                 if not last and self.eval_due(step + 1):
-                    top1 = self.evaluate()
-                    self.eval_history.append({"step": step + 1, "epoch": (step + 1) / self.steps_per_epoch,
-                                              "top1": top1})
-                    self.tracker.log_metrics({"eval_top1": top1}, step=step + 1)
+                    self.record_eval(step + 1, self.evaluate_live_and_ema(), metrics_file)
             bar.close()
             train_time = time.perf_counter() - start
-            top1 = self.evaluate()
+            final = self.evaluate_live_and_ema()
             preempted, _ = self.step_end_flags()
             if preempted:  # signalled during the final evaluation: the requeued job evaluates again
                 self.exit_for_requeue(self.total_steps, save=self.last_saved_step != self.total_steps)
-            self.eval_history.append({"step": self.total_steps, "epoch": self.total_steps / self.steps_per_epoch,
-                                      "top1": top1})
-            return self.finish(top1, train_time)
+            self.record_eval(self.total_steps, final, metrics_file, log=False)  # finish() logs the final one
+            return self.finish(final["top1"], train_time)
         finally:
             self.release_preemption()
             bar.close()
@@ -397,6 +404,8 @@ class Trainer:
             self.profiler.capture_state(self.engine.module, self.engine.optimizer)
         with self.profiler.phase("optimizer"):
             lr = self.engine.step(step)
+            if self.ema is not None:  # after every optimizer step, a scaler-skipped one too (timm's ModelEma)
+                self.ema.update()
         if first:  # a fresh optimizer's state exists only after its first step
             self.profiler.capture_state(self.engine.module, self.engine.optimizer)
         return loss_value, lr, images
@@ -454,6 +463,28 @@ class Trainer:
         self.engine.train_mode(True)
         return correct / max(total, 1)
 
+    def evaluate_live_and_ema(self) -> dict[str, float]:
+        """``top1`` of the live adapters; with ``train.ema_decay`` also ``top1_ema`` (the averages swapped in)
+        and ``top1_max``, the larger (SNELLA's FGVC figure)."""
+        result = {"top1": self.evaluate()}
+        if self.ema is not None:
+            reshard_fsdp(self.engine.module)  # an unsharded FSDP2 group would not see the swap (nor the swap back)
+            with self.ema.swapped_in():
+                result["top1_ema"] = self.evaluate()
+                reshard_fsdp(self.engine.module)
+            result["top1_max"] = max(result["top1"], result["top1_ema"])
+        return result
+
+    def record_eval(self, step: int, result: dict[str, float], metrics_file, log: bool = True) -> None:
+        """An evaluation into the summary's history and MLflow; with an EMA also a line of metrics.jsonl."""
+        self.eval_history.append({"step": step, "epoch": step / self.steps_per_epoch, **result})
+        if metrics_file and self.ema is not None:
+            metrics_file.write(json.dumps({"step": step, "epoch": step / self.steps_per_epoch,
+                                           **{f"eval_{k}": v for k, v in result.items()}}) + "\n")
+            metrics_file.flush()
+        if log:
+            self.tracker.log_metrics({f"eval_{k}": v for k, v in result.items()}, step=step)
+
     def eval_batches(self) -> Iterator:
         """The eval loader; when a forward runs collectives (sharded weights), ranks stay in lock-step and a rank
         whose share is exhausted runs dummy forwards (no labels, nothing counted) until every rank is done."""
@@ -505,10 +536,18 @@ class Trainer:
             "protocol": "standard (last epoch)",
             "eval_history": self.eval_history,
         }
+        final = self.eval_history[-1]
+        if self.ema is not None:
+            summary["top1_ema"], summary["top1_max"] = final["top1_ema"], final["top1_max"]
+        if self.engine.scaler is not None:
+            summary["fp16_scaler"] = {"skipped_steps": self.engine.scaler_skipped_steps,
+                                      "final_scale": self.engine.scaler.get_scale()}
         if cfg.train.protocol == "paper":
-            best = max(self.eval_history, key=lambda e: e["top1"])
+            # with an EMA the official figure is max(best live, best EMA): the best epoch of the larger of the two
+            score = "top1_max" if self.ema is not None else "top1"
+            best = max(self.eval_history, key=lambda e: e[score])
             summary["protocol"] = PAPER_PROTOCOL_LABEL
-            summary["top1_paper_protocol"] = best["top1"]
+            summary["top1_paper_protocol"] = best[score]
             summary["top1_paper_protocol_epoch"] = best["epoch"]
         adapters = self.engine.state_dict(adapters_only=True)
         if self.env.is_main:
@@ -526,7 +565,10 @@ class Trainer:
             if cfg.train.protocol == "paper":
                 self.tracker.set_tags({"protocol": PAPER_PROTOCOL_LABEL})
                 self.tracker.log_metrics({"eval_top1_paper_protocol": summary["top1_paper_protocol"]})
-            self.tracker.log_metrics({"eval_top1": top1, "images_per_s": summary["images_per_s"],
+            final_evals = {f"eval_{k}": v for k, v in final.items() if k != "top1"}
+            if self.engine.scaler is not None:
+                final_evals["fp16_scaler_skipped_steps"] = self.engine.scaler_skipped_steps
+            self.tracker.log_metrics({"eval_top1": top1, **final_evals, "images_per_s": summary["images_per_s"],
                                       "skipped_samples": summary["skipped_samples"],
                                       **{f"peak_memory_bytes_rank{r.rank}": r.peak_bytes for r in memory},
                                       **memory_metrics(memory)},
@@ -546,6 +588,15 @@ class Trainer:
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine.to_dict())
         return [MemoryReport(**d) for d in gathered]
+
+
+def reshard_fsdp(module) -> None:
+    """Put every FSDP2 group of ``module`` back to its shards (a no-op for other engines' modules)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def train(cfg: RunConfig, env: DistEnv, device: torch.device, train_loader=None, eval_loader=None,
