@@ -358,9 +358,15 @@ class MemoryConfig:
     cpu_tracking: bool = True
     """CPU runs: measure the phase peaks and activations from live tensor storage (a dispatch-mode tracker; its
     bookkeeping time is written in the report's notes). false: only the process's peak RSS."""
+    cpu_tracked_steps: int = 5
+    """CPU runs: the tracker follows the first N optimizer steps of the run (of each resumed part too) and its first
+    evaluation, then steps aside (0: every step and evaluation). Later steps repeat the same shapes and so the same
+    peaks, while the bookkeeping costs a share of each tracked step (a third of a tiny ViT's step, a few % of
+    ViT-B's)."""
 
     def validate(self) -> None:
         _check_range("memory.snapshot_steps", self.snapshot_steps, low=0)
+        _check_range("memory.cpu_tracked_steps", self.cpu_tracked_steps, low=0)
         _check_range("memory.snapshot_max_entries", self.snapshot_max_entries, low=1)
 
 

@@ -208,3 +208,47 @@ def test_cpu_tracking_off_leaves_only_rss_and_the_tracker_counts_storages_exactl
     assert report.peak_allocated_bytes == 10048 and report.activations_bytes == 10048
     assert any("bookkeeping" in n for n in report.notes)
     assert json.loads(json.dumps(report.to_dict()))["peak_allocated_bytes"] == 10048
+
+
+def test_tracking_the_first_steps_measures_the_peaks_of_tracking_every_step(tmp_path):
+    """``memory.cpu_tracked_steps=2`` over 6 steps with evaluations after steps 3 and 6: the tracker stands aside
+    after step 2 and comes back for the first evaluation, and the report holds the same phase peaks and state as
+    tracking everything (shapes repeat; the gradients and state alive while it stood aside are observed again)."""
+    from launcher.env import DistEnv
+    from peft_dist.train.trainer import Trainer
+    from test_baselines import fixed_batches, tiny_cfg
+
+    batches = fixed_batches(n=3)
+    reports = {}
+    for steps in (0, 2):
+        cfg = tiny_cfg(tmp_path / str(steps), "snell", "train.steps=6", "train.eval_every_epochs=1",
+                       "data.eval_batch_size=8", f"memory.cpu_tracked_steps={steps}")
+        trainer = Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches[:1])
+        trainer.fit()
+        reports[steps] = (read_memory_json(tmp_path / str(steps) / "snell" / "memory.json")[0], trainer.profiler)
+    (every, every_profiler), (first, first_profiler) = reports[0], reports[2]
+    assert first.phase_peak_allocated_bytes == every.phase_peak_allocated_bytes
+    assert set(every.phase_peak_allocated_bytes) == {"forward", "backward", "optimizer", "eval"}
+    assert first.categories() == every.categories()
+    assert first_profiler.steps_seen == every_profiler.steps_seen == 6
+    assert first_profiler.phase_seconds < every_profiler.phase_seconds / 2
+
+
+def test_state_made_while_the_tracker_stood_aside_counts_at_its_return():
+    """A gradient allocated in an untracked step and still alive at the first evaluation is part of its peak,
+    though no op of the evaluation reads it."""
+    from peft_dist.memory.profiler import MemoryProfiler
+
+    profiler = MemoryProfiler(0, torch.device("cpu"), config=load_config(None, ["memory.cpu_tracked_steps=1"]).memory)
+    layer = torch.nn.Linear(64, 64, bias=False)  # 16 KiB weight
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    profiler.capture_state(layer, optimizer)
+    for _ in range(2):  # the second step is untracked: its gradient is a new storage
+        layer.weight.grad = None
+        with profiler.phase("backward"):
+            layer(torch.ones(1, 64)).sum().backward()
+        with profiler.phase("optimizer"):
+            optimizer.step()
+    with profiler.phase("eval"):
+        torch.ones(256)  # 1 KiB, reads nothing
+    assert profiler.report.phase_peak_allocated_bytes["eval"] == 16384 + 16384 + 1024

@@ -317,6 +317,11 @@ class MemoryProfiler:
         self.tracker = LiveStorageTracker() if (enabled and not self.cuda and
                                                 getattr(config, "cpu_tracking", True)) else None
         """CPU: the live-storage tracker that measures the phase peaks (``memory.cpu_tracking``)."""
+        self.tracked_steps = int(getattr(config, "cpu_tracked_steps", 0) or 0)
+        """The tracker follows this many optimizer steps and one evaluation (0: all; ``memory.cpu_tracked_steps``)."""
+        self.evals_seen = 0
+        self._state_owner: tuple[Any, Any] | None = None  # (model, optimizer) of the last capture_state
+        self._skipped_phases = False
         self.phase_seconds = 0.0
         """Wall time spent inside tracked phases (the tracker's overhead is reported as a share of it)."""
         if self.enabled and self.cuda and self.out_dir is not None:
@@ -330,9 +335,13 @@ class MemoryProfiler:
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Peak allocated/reserved bytes of the enclosed code (peaks reset on entry); the max over calls is kept."""
-        if self.tracker is not None and self.tracker.phase is None:
+        if self.tracker is not None and self.tracker.phase is None and self._tracks(name):
             r = self.report
             started = time.perf_counter()
+            if self._skipped_phases and self._state_owner is not None:
+                # storage made while the tracker stood aside (gradients, reallocated buffers) is live state too
+                self.tracker.observe_all(state_tensors(*self._state_owner))
+            self._skipped_phases = False
             self.tracker.begin(name)
             try:
                 yield
@@ -341,13 +350,12 @@ class MemoryProfiler:
                 self.phase_seconds += time.perf_counter() - started
                 peak = self.tracker.phase_peak.get(name, 0)
                 r.phase_peak_allocated_bytes[name] = max(r.phase_peak_allocated_bytes.get(name, 0), peak)
-            if name == "optimizer":
-                self.steps_seen += 1
+            self._count(name)
             return
         if not (self.enabled and self.cuda):
+            self._skipped_phases = self.tracker is not None
             yield
-            if name == "optimizer":
-                self.steps_seen += 1
+            self._count(name)
             return
         torch.cuda.reset_peak_memory_stats(self.device)
         yield
@@ -363,6 +371,17 @@ class MemoryProfiler:
                 compat.record_cuda_memory_history(enabled=None)
                 self.recording = False
 
+    def _tracks(self, name: str) -> bool:
+        if self.tracked_steps == 0:
+            return True
+        return self.evals_seen == 0 if name == "eval" else self.steps_seen < self.tracked_steps
+
+    def _count(self, name: str) -> None:
+        if name == "optimizer":
+            self.steps_seen += 1
+        elif name == "eval":
+            self.evals_seen += 1
+
     def capture_state(self, model: nn.Module, optimizer: Any) -> None:
         """Count parameter, buffer, gradient and optimizer bytes (call after backward and again after the step:
         gradients exist before the step, optimizer state after it; the larger of the two counts is kept)."""
@@ -370,6 +389,7 @@ class MemoryProfiler:
             return
         r = self.report
         if self.tracker is not None:  # state no op of a phase has touched yet (unused parameters) is alive too
+            self._state_owner = (model, optimizer)
             self.tracker.observe_all(state_tensors(model, optimizer))
         counts = state_bytes(model, optimizer)
         r.params_frozen_bytes = counts["params_frozen_bytes"]
