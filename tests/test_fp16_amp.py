@@ -118,17 +118,34 @@ def test_fp16_resume_is_bitwise_and_restores_the_scaler(tmp_path):
         assert torch.equal(tensor, reference[name]), name
 
 
-def test_fp16_under_a_sharding_engine_is_one_line(tmp_path):
+def test_fp16_under_a_sharded_optimizer_is_one_line(tmp_path):
     """Refused before the engine wraps anything (no process group needed to see it)."""
-    from peft_dist.engines.fsdp2 import FSDP2Engine
+    from peft_dist.engines.fairscale_oss import FairscaleOSSEngine
 
-    cfg = tiny_cfg(tmp_path, "lora", "train.precision=fp16", "dist.engine=fsdp2")
-    with pytest.raises(ConfigError, match=r"^train\.precision=fp16: not available with dist\.engine=fsdp2") as e:
-        FSDP2Engine(torch.nn.Linear(2, 2), None, cfg, DistEnv(), torch.device("cpu"), 1, 0)
+    cfg = tiny_cfg(tmp_path, "lora", "train.precision=fp16", "dist.engine=fairscale_oss")
+    with pytest.raises(ConfigError, match=r"^train\.precision=fp16: not available with dist\.engine=fairscale_oss"
+                       ) as e:
+        FairscaleOSSEngine(torch.nn.Linear(2, 2), None, cfg, DistEnv(), torch.device("cpu"), 1, 0)
     assert "\n" not in str(e.value)
 
 
-def ddp_rank(rank: int, world: int, port: int, overrides: list[str], batches, out_file: str) -> None:
+def poison_local_shard_before_step(trainer, at_step: int) -> None:
+    """Under FSDP2: an inf in this rank's shard of one gradient, after the reduce-scatter, before step ``at_step``
+    (1-based); the other rank's shard stays finite, so only a check reduced over the mesh skips on both."""
+    engine_step = trainer.engine.step
+
+    def step(index):
+        if index + 1 == at_step:
+            grad = next(p.grad for p in trainer.engine.module.parameters() if p.grad is not None
+                        and p.grad.to_local().numel())
+            grad.to_local().view(-1)[0] = float("inf")
+        return engine_step(index)
+
+    trainer.engine.step = step
+
+
+def data_parallel_ranks(rank: int, world: int, port: int, overrides: list[str], batches, out_file: str) -> None:
+    """The same fp16 run under ddp, then fsdp2; rank 0 saves each one's adapters and scaler summary."""
     from dist_workers import init_gloo
     from launcher.env import read_dist_env
     from peft_dist.config import load_config
@@ -137,19 +154,25 @@ def ddp_rank(rank: int, world: int, port: int, overrides: list[str], batches, ou
     init_gloo(rank, world, port)
     try:
         share = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in batches]
-        trainer = Trainer(load_config(None, overrides), read_dist_env(), torch.device("cpu"), share, share)
-        if rank == 0:  # an overflow on one rank: DDP's all-reduce spreads the inf, so both ranks skip the step
-            poison_gradient_once(trainer.model.head.weight, at_call=2)
-        summary = trainer.fit()
+        results = {}
+        for engine in ("ddp", "fsdp2"):
+            cfg = load_config(None, [*overrides, f"dist.engine={engine}", f"train.out_dir={out_file}.{engine}"])
+            trainer = Trainer(cfg, read_dist_env(), torch.device("cpu"), share, share)
+            if engine == "ddp" and rank == 0:  # before DDP's all-reduce, which spreads the inf to both ranks
+                poison_gradient_once(trainer.model.head.weight, at_call=2)
+            if engine == "fsdp2" and rank == 0:
+                poison_local_shard_before_step(trainer, at_step=2)
+            summary = trainer.fit()
+            results[engine] = {"adapters": trainer.engine.state_dict(), "scaler": summary["fp16_scaler"]}
         if rank == 0:
-            torch.save({"adapters": trainer.engine.state_dict(), "scaler": summary["fp16_scaler"]}, out_file)
+            torch.save(results, out_file)
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
-def test_fp16_ddp_on_two_ranks_equals_one_process(tmp_path):
+def test_fp16_ddp_and_fsdp2_on_two_ranks_equal_one_process(tmp_path):
     """3 steps: the 4th overflows on its own under DDP (a rank's loss is the mean of 4 images, not 8, so its fp16
     gradients are twice the single process's; the scaler skips it, as it should) and the runs part ways there."""
     from conftest import TINY_VIT, spawn_two_ranks
@@ -163,11 +186,12 @@ def test_fp16_ddp_on_two_ranks_equals_one_process(tmp_path):
     one_summary = one.fit()
     kw = "{" + ", ".join(f"{k}: {v}" for k, v in TINY_VIT.items()) + "}"
     overrides = ["model.name=vit_tiny_patch16_224", "model.num_classes=5", f"model.kwargs={kw}",
-                 "data.source=synthetic", "method.name=lora", f"train.out_dir={tmp_path / 'two'}",
-                 "train.progress=false", "tracking.enabled=false", "optim.weight_decay=0.01", *extra,
-                 "dist.engine=ddp"]  # tiny_cfg's settings (its lr is overridden by FP16's)
-    spawn_two_ranks(ddp_rank, overrides, batches, str(tmp_path / "two.pt"))
+                 "data.source=synthetic", "method.name=lora", "train.progress=false", "tracking.enabled=false",
+                 "optim.weight_decay=0.01", *extra]  # tiny_cfg's settings
+    spawn_two_ranks(data_parallel_ranks, overrides, batches, str(tmp_path / "two.pt"))
     two = torch.load(tmp_path / "two.pt")
-    assert two["scaler"] == one_summary["fp16_scaler"] == {"skipped_steps": 1, "final_scale": 32768.0}
-    for name, tensor in one.engine.state_dict().items():
-        torch.testing.assert_close(two["adapters"][name], tensor, rtol=2e-3, atol=5e-5, msg=lambda m, name=name: f"{name}: {m}")
+    for engine, run in two.items():
+        assert run["scaler"] == one_summary["fp16_scaler"] == {"skipped_steps": 1, "final_scale": 32768.0}, engine
+        for name, tensor in one.engine.state_dict().items():
+            torch.testing.assert_close(run["adapters"][name], tensor, rtol=2e-3, atol=5e-5,
+                                       msg=lambda m, name=name: f"{engine} {name}: {m}")

@@ -17,9 +17,11 @@ from peft_dist.config import RunConfig
 from peft_dist.models.materialize import is_deferred
 
 
-FP16_ENGINES = ("single", "ddp")
+FP16_ENGINES = ("single", "ddp", "fsdp2")
 """Engines whose gradients ``torch.amp.GradScaler`` can unscale and check: plain local tensors (DDP's are already
-averaged). FSDP2's DTensor shards, DeepSpeed's flat partitions and OSS's sharded optimizer are not offered fp16."""
+averaged) and FSDP2's DTensor shards (the scaler's inf check is reduced over the mesh: torch PR #132816; FSDP2
+needs no ShardedGradScaler, which is FSDP1's). DeepSpeed's flat partitions and OSS's sharded optimizer are not
+offered fp16."""
 
 
 class Engine:

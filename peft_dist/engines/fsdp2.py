@@ -165,9 +165,11 @@ class FSDP2Engine(Engine):
         return model
 
     def autocast(self):
+        """bf16 is FSDP2's policy (no autocast on top: it would cast twice); fp16 has no policy (its parameters
+        gather in fp32) and runs under autocast, as on one process."""
         import contextlib
 
-        return contextlib.nullcontext()
+        return super().autocast() if self.precision == "fp16" else contextlib.nullcontext()
 
     def state_dict(self, adapters_only: bool = True) -> dict[str, torch.Tensor]:
         """Full (unsharded) adapter state on CPU, gathered without touching the frozen backbone. Collective."""
