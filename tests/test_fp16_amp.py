@@ -14,7 +14,7 @@ from peft_dist.config import ConfigError
 from peft_dist.train.trainer import Trainer
 from test_baselines import fixed_batches, tiny_cfg
 
-FP16 = ["train.precision=fp16", "train.log_every=1", "optim.lr=1e-2", "data.batch_size=4"]
+FP16 = ["train.precision=fp16", "train.log_every=1", "optim.lr=1e-2", "data.batch_size=4", "memory.enabled=false"]
 
 
 def poison_gradient_once(param: torch.nn.Parameter, at_call: int) -> None:
