@@ -491,38 +491,86 @@ def _dispatch_modes() -> list:
 
 
 
+def sampled_gradient(G_rows: torch.Tensor, X: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``(G_Yᵀ·X)[j, i]`` at the entries (j, i) of a CSR pattern (``crow``, ``cols``), as the pattern's values.
+
+    A sampled dense–dense product (``torch.sparse.sampled_addmm``) accumulated over token chunks. Its CPU kernel
+    takes one contiguous row per operand and entry, so each chunk is transposed once here, for the whole pattern
+    (the kernel would otherwise copy them on every call): ``G_rows`` (T × n, G_Y's columns of the pattern's rows)
+    and ``X`` (T × d_in) cost (n + d_in) × chunk transient entries, the chunk small enough for the L2 cache."""
+    n, d_in = G_rows.shape[1], X.shape[1]
+    sampled = torch.sparse_csr_tensor(crow, cols, X.new_zeros(cols.numel(), dtype=G_rows.dtype), (n, d_in))
+    tokens = G_rows.shape[0]
+    for t0 in range(0, tokens, _SURVIVOR_TOKEN_CHUNK):
+        t1 = min(tokens, t0 + _SURVIVOR_TOKEN_CHUNK)
+        g_t = G_rows[t0:t1].t().contiguous()
+        x_t = X[t0:t1].t().contiguous()
+        torch.sparse.sampled_addmm(sampled, g_t, x_t.t(), out=sampled)
+    return sampled.values()
+
 
 def survivor_weight_grad(G_rows: torch.Tensor, X: torch.Tensor, magnitude: torch.Tensor,
                          out: torch.Tensor) -> torch.Tensor:
-    """``G_K = (G_Yᵀ·X) ⊙ m`` of one row block into ``out``, formed only where ``m ≠ 0`` (zero elsewhere).
+    """``G_K = (G_Yᵀ·X) ⊙ m`` into ``out`` (n × d_in), formed only where ``m ≠ 0`` (zero elsewhere).
 
     Exact, not an approximation: m is the detached magnitude factor of §3.1, zero on every pruned entry (``code``:
     |K|·1[|K| > τ]; ``paper``: max(|K| − τ, 0), zero exactly where |K| ≤ τ), so ∂L/∂K vanishes there whatever
-    G_Yᵀ·X holds. The survivors' entries are a sampled dense–dense product (``torch.sparse.sampled_addmm`` on the
-    CSR pattern of m), accumulated over token chunks. ``G_rows`` is G_Y's columns of the block (T × n), ``X`` the
-    input (T × d_in). Transients: per token chunk the contiguous copies the sampled product makes of its operands
-    ((n + d_in) × chunk), and the survivors' positions, columns and values, a fraction of the block at the
-    densities this path runs at: the row block still bounds the memory."""
-    n, d_in = magnitude.shape
-    flat = magnitude.reshape(-1)
-    positions = flat.nonzero().squeeze(1)
+    G_Yᵀ·X holds. The backward runs the same two steps over a whole matrix (:class:`_Survivors`); this form, on
+    one dense ``magnitude``, states the contract the tests check."""
+    survivors = _Survivors(magnitude.shape[1])
+    survivors.add_block(magnitude)
+    survivors.sample(G_rows, X)
     out.zero_()
-    if positions.numel() == 0:
-        return out
-    rows = torch.div(positions, d_in, rounding_mode="floor")
-    cols = positions - rows * d_in
-    crow = positions.new_zeros(n + 1)
-    torch.cumsum(torch.bincount(rows, minlength=n), 0, out=crow[1:])
-    kept = flat.index_select(0, positions)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta": said once, not actionable
-        sampled = torch.sparse_csr_tensor(crow, cols, torch.zeros_like(kept), (n, d_in))
-        tokens = G_rows.shape[0]
-        for t0 in range(0, tokens, _SURVIVOR_TOKEN_CHUNK):
-            t1 = min(tokens, t0 + _SURVIVOR_TOKEN_CHUNK)
-            sampled = torch.sparse.sampled_addmm(sampled, G_rows[t0:t1].t(), X[t0:t1])
-    out.view(-1).index_copy_(0, positions, sampled.values().mul_(kept))
+    survivors.scatter(0, out)
     return out
+
+
+class _Survivors:
+    """The survivors of one matrix, gathered block by block in backward's first pass: flat positions within each
+    block, their magnitude factor m, then the sampled G_Yᵀ·X there (times m: G_K at the survivors).
+
+    Per survivor 8 (position) + 4 (m) + 4 (value) bytes, + 8 (column) while sampling: 24·ρ bytes per matrix entry
+    at a kept fraction ρ (2.4 at s = 0.9, 5.7 MB for a 3072×768 matrix), held instead of the dense path's two
+    further block buffers."""
+
+    def __init__(self, d_in: int):
+        self.d_in = d_in
+        self.positions: list[torch.Tensor] = []
+        self.kept: list[torch.Tensor] = []
+        self.rows: list[int] = []
+        self.offsets = [0]
+        self.values: torch.Tensor | None = None
+
+    def add_block(self, magnitude: torch.Tensor) -> None:
+        flat = magnitude.reshape(-1)
+        positions = flat.nonzero().squeeze(1)
+        self.positions.append(positions)
+        self.kept.append(flat.index_select(0, positions))
+        self.rows.append(magnitude.shape[0])
+        self.offsets.append(self.offsets[-1] + positions.numel())
+
+    def sample(self, G_rows: torch.Tensor, X: torch.Tensor) -> None:
+        """values = (G_Yᵀ·X ⊙ m) at every survivor; ``G_rows`` holds G_Y's columns of all the blocks' rows."""
+        kept = torch.cat(self.kept) if len(self.kept) > 1 else self.kept[0]
+        self.kept = []
+        if kept.numel() == 0:
+            self.values = kept
+            return
+        counts, cols = [], []
+        for positions, n in zip(self.positions, self.rows):
+            rows = torch.div(positions, self.d_in, rounding_mode="floor")
+            counts.append(torch.bincount(rows, minlength=n))
+            cols.append(positions - rows * self.d_in)
+        crow = kept.new_zeros(sum(self.rows) + 1, dtype=torch.int64)
+        torch.cumsum(torch.cat(counts), 0, out=crow[1:])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta": said once, not actionable
+            self.values = sampled_gradient(G_rows, X, crow, torch.cat(cols)).mul_(kept)
+
+    def scatter(self, block: int, out: torch.Tensor) -> torch.Tensor:
+        """Write block ``block``'s G_K values into the zeroed ``out`` (its rows × d_in)."""
+        values = self.values[self.offsets[block]:self.offsets[block + 1]]
+        return out.view(-1).index_copy_(0, self.positions[block], values)
 
 
 class _InputGrad:
@@ -539,12 +587,90 @@ class _InputGrad:
             self.value.addmm_(g, w)
 
 
+def _add_weight_block(K_eff: torch.Tensor, W0, r0: int, r1: int, G, gx, W_lp, row0: int) -> None:
+    """Rows r0:r1 of W = W0 + ΔW (``K_eff`` holds ΔW's rows, overwritten) into G_X (fp32/fp64) or ``W_lp``."""
+    if gx is None and W_lp is None:
+        return
+    W_block = K_eff if W0 is None else K_eff.add_(W0[r0:r1])
+    if gx is not None:
+        gx.add(G[:, r0:r1], W_block if W_block.dtype == G.dtype else W_block.to(G.dtype))
+    else:
+        W_lp[row0 + r0:row0 + r1].copy_(W_block)
+
+
+def _factor_grads_block(fac: _Factors, GK: torch.Tensor, D: list[torch.Tensor], R_out: list[torch.Tensor],
+                        r0: int, r1: int, gA: torch.Tensor, gB: torch.Tensor) -> None:
+    """Accumulate ∂A, ∂B from one block's G_K (spec §7.3 A.4); ``R_out[h]`` receives R_h (it may be ``D[h]``)."""
+    n = r1 - r0
+    if fac.kind == "linear":
+        gB[:, r0:r1] = (GK @ fac.A_flat).reshape(n, fac.heads, fac.q).permute(1, 0, 2)
+        gA += (GK.t() @ fac.B_flat[r0:r1]).reshape(fac.d_in, fac.heads, fac.q).permute(1, 0, 2)
+        return
+    for h in range(fac.heads):
+        R = torch.div(GK, D[h], out=R_out[h])  # R_h (up to c_h²·sign, applied on the small results)
+        scale = fac.signs[h] * fac.sq_coeffs[h]
+        rA = R @ fac.in_ones[h]
+        rB = R.t() @ fac.out_ones[h][r0:r1]
+        gB[h, r0:r1] = (rA[:, -1:] * fac.B[h, r0:r1] - rA[:, :-1]) * scale
+        gA[h] += (rB[:, -1:] * fac.A[h] - rB[:, :-1]) * scale
+
+
+def _survivor_slice_backward(fac: _Factors, spec: SliceSpec, tau: float, cfg: KernelConfig, G, X, W0, gx, W_lp):
+    """:func:`_slice_backward` with G_K formed at the survivors only, in three passes over the forward's row blocks:
+
+    1. rebuild Kˢ as the forward did (two block buffers), add its rows of W to G_X, record the survivors;
+    2. one sampled product over the whole matrix (:class:`_Survivors`): each token chunk of G and X is transposed
+       once for all blocks instead of once per block;
+    3. rebuild the distances (and MixK's K) per block, scatter G_K, apply the closed form (three block buffers).
+
+    Pass 3 repeats pass 1's distance GEMMs (rank-sized inner dimension) to keep no d_out×d_in tensor alive."""
+    rows, d_in = spec.stop - spec.start, fac.d_in
+    per_block = _rows_per_block(fac.kind, rows, d_in, _block_entries(cfg))
+    kdtype = fac.A.dtype
+    blocks = list(_blocks(rows, per_block))
+    survivors = _Survivors(d_in)
+    K_buf = X.new_empty((per_block, d_in), dtype=kdtype)
+    M_buf = X.new_empty((per_block, d_in), dtype=kdtype)
+    for r0, r1 in blocks:
+        K, M = K_buf[:r1 - r0], M_buf[:r1 - r0]
+        fac.kernel_rows(r0, r1, K, M)
+        if fac.kind == "mixk":
+            K.addcmul_(fac.mixk_softmax(K), fac.alpha).add_(fac.beta)
+        _magnitude_factor(K, tau, cfg.threshold, M)
+        survivors.add_block(M)
+        if gx is not None or W_lp is not None:
+            _add_weight_block(K.mul_(M), W0, r0, r1, G, gx, W_lp, spec.start)
+    del K_buf, M_buf
+    survivors.sample(G, X)
+    gA, gB = torch.zeros_like(fac.A), torch.zeros_like(fac.B)
+    g_mix = None
+    GK_buf = X.new_empty((per_block, d_in), dtype=kdtype)
+    D_buf = [X.new_empty((per_block, d_in), dtype=kdtype) for _ in range(fac.heads)] if fac.kind != "linear" else []
+    K_buf = X.new_empty((per_block, d_in), dtype=kdtype) if fac.kind == "mixk" else None
+    for index, (r0, r1) in enumerate(blocks):
+        n = r1 - r0
+        GK = survivors.scatter(index, GK_buf[:n].zero_()).view(n, d_in)
+        D = [d[:n] for d in D_buf]
+        if fac.kind == "mixk":
+            K = fac.kernel_rows(r0, r1, K_buf[:n], None, D)
+            GK, g_mix = _mixk_backward(fac, K, fac.mixk_softmax(K), GK, g_mix)
+        else:
+            for h, d in enumerate(D):
+                fac.distance_rows(h, r0, r1, d)
+        _factor_grads_block(fac, GK, D, D, r0, r1, gA, gB)
+    if fac.kind == "mixk":
+        return [gA, gB, *g_mix]
+    return [gA, gB]
+
+
 def _slice_backward(fac: _Factors, spec: SliceSpec, tau, cfg: KernelConfig, G, X, W0, gx, W_lp, want_factors,
                     survivors: bool = False):
     """Gradients of one matrix, row block by row block: adds ``G·W_slice`` into ``gx`` (or writes ``W_slice`` into
     ``W_lp``) and returns the factor gradients [∂A, ∂B (, ∂α, ∂γ, ∂β)] (spec §7.3 A.4). Four block buffers: the
     kernel (reused for W and then G_S), the magnitude factor (reused for R) and the two distances. ``survivors``:
-    G_S ⊙ m is formed at the survivors only (:func:`survivor_weight_grad`), else as the dense G_Yᵀ·X."""
+    G_S ⊙ m is formed at the survivors only (:func:`_survivor_slice_backward`), else as the dense G_Yᵀ·X."""
+    if survivors and want_factors:
+        return _survivor_slice_backward(fac, spec, tau, cfg, G, X, W0, gx, W_lp)
     rows, d_in = spec.stop - spec.start, fac.d_in
     # the forward's row blocks, so each entry is rebuilt bit for bit (an entry at τ must not flip between passes)
     per_block = _rows_per_block(fac.kind, rows, d_in, _block_entries(cfg))
@@ -569,38 +695,19 @@ def _slice_backward(fac: _Factors, spec: SliceSpec, tau, cfg: KernelConfig, G, X
         if sparse:
             _magnitude_factor(K_eff, tau, cfg.threshold, M)
             K_eff.mul_(M)
-        if gx is not None or W_lp is not None:
-            W_block = K_eff if W0 is None else K_eff.add_(W0[r0:r1])
-            if gx is not None:
-                gx.add(G[:, r0:r1], W_block if W_block.dtype == G.dtype else W_block.to(G.dtype))
-            else:
-                W_lp[spec.start + r0:spec.start + r1].copy_(W_block)
+        _add_weight_block(K_eff, W0, r0, r1, G, gx, W_lp, spec.start)
         if not want_factors:
             continue
-        if survivors:
-            # G_K' = G_S ⊙ m at the survivors only: the dense product's other entries would be multiplied by 0
-            GK = survivor_weight_grad(G[:, r0:r1], X, M, K_eff)
+        # G_S = G_Yᵀ·X on rows r0:r1: the dense weight gradient
+        if G.dtype == kdtype:
+            GK = torch.mm(G[:, r0:r1].t(), X, out=K_eff)
         else:
-            # G_S = G_Yᵀ·X on rows r0:r1: the dense weight gradient
-            if G.dtype == kdtype:
-                GK = torch.mm(G[:, r0:r1].t(), X, out=K_eff)
-            else:
-                GK = (G[:, r0:r1].t() @ X).to(kdtype)
-            if sparse:
-                GK.mul_(M)  # G_K' = G_S ⊙ m: zero on pruned entries, g·|w| on survivors (code threshold)
+            GK = (G[:, r0:r1].t() @ X).to(kdtype)
+        if sparse:
+            GK.mul_(M)  # G_K' = G_S ⊙ m: zero on pruned entries, g·|w| on survivors (code threshold)
         if fac.kind == "mixk":
             GK, g_mix = _mixk_backward(fac, K, P, GK, g_mix)
-        if fac.kind == "linear":
-            gB[:, r0:r1] = (GK @ fac.A_flat).reshape(n, fac.heads, fac.q).permute(1, 0, 2)
-            gA += (GK.t() @ fac.B_flat[r0:r1]).reshape(d_in, fac.heads, fac.q).permute(1, 0, 2)
-            continue
-        for h in range(fac.heads):
-            R = torch.div(GK, D[h], out=M)  # R_h (up to c_h²·sign, applied on the small results)
-            scale = fac.signs[h] * fac.sq_coeffs[h]
-            rA = R @ fac.in_ones[h]
-            rB = R.t() @ fac.out_ones[h][r0:r1]
-            gB[h, r0:r1] = (rA[:, -1:] * fac.B[h, r0:r1] - rA[:, :-1]) * scale
-            gA[h] += (rB[:, -1:] * fac.A[h] - rB[:, :-1]) * scale
+        _factor_grads_block(fac, GK, D, [M] * len(D), r0, r1, gA, gB)
     if fac.kind == "mixk":
         return [gA, gB, *g_mix]
     return [gA, gB]
