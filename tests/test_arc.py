@@ -85,6 +85,28 @@ def test_adapter_maths_in_fp64():
     assert torch.linalg.matrix_rank(a) <= 5
 
 
+def test_reduced_precision_form_is_the_same_function_and_gradients_in_fp64():
+    """bf16/fp16 compute takes base(Z) + W·δZ (the delta beside the frozen GEMM, kept fp32) instead of
+    base(Z + δZ): in fp64 both give the same output and the same gradients for P, c, b and the input."""
+    model = tiny_vit().double()
+    peft_dist.apply_method(model, "arc", rank=5, dropout=0.0)
+    fc1 = model.blocks[1].mlp.fc1
+    with torch.no_grad():
+        fc1.adapter_bias.normal_()
+        fc1.scale.normal_()
+    z = torch.randn(2, 7, 48, dtype=torch.float64, requires_grad=True)
+    tensors = [model.arc_projections.mlp, fc1.scale, fc1.adapter_bias, z]
+    results = []
+    for forward in (fc1.forward, fc1._forward_reduced_precision):
+        out = forward(z)
+        results.append((out, torch.autograd.grad((out * out.detach().sin()).sum(), tensors)))
+    (official, official_grads), (reduced, reduced_grads) = results
+    torch.testing.assert_close(reduced, official, rtol=1e-12, atol=1e-12)
+    for got, want in zip(reduced_grads, official_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+
 @pytest.mark.parametrize("method", ["arc", "arc_att"])
 def test_merge_folds_into_qkv_and_fc1(method):
     model = tiny_vit()

@@ -47,11 +47,10 @@ BOUND = {1e-5: 0.12, 1e-2: 0.01}
 """Relative Frobenius error of the fitted applied ΔW against the fp64 ΔW. At 1e-5 the fit's own noise (bf16
 rounding of the outputs, averaged over 2·10⁵ rows of width 16) is 3-5 %; at 1e-2 what is left is the bf16
 rounding of the delta itself, ≤ 0.4 %."""
-FSDP2_LOSSES = {("arc", "-", 1e-5): "Z + δZ is formed in bf16 (the policy rounds Z to bf16 first)"}
-"""Cells where the delta is lost today, with why: ARC adds its δZ to its bf16 input Z, and a sum below half an
-ulp of Z rounds back to Z on every row, so no averaging recovers it (issue 17, left open: under autocast Z is the
-fp32 LayerNorm output and the sum is rounded once, by the GEMM's input cast). Asserted to exceed the bound, so
-that fixing one makes this test ask for its removal here."""
+FSDP2_LOSSES: dict = {}
+"""Cells where the delta is lost, with why (none now). Asserted to exceed the bound, so that fixing one makes this
+test ask for its removal here. ARC was one until it formed W·δZ beside the frozen GEMM instead of Z + δZ in bf16
+(a δZ below half an ulp of FSDP2's bf16 Z rounded back to Z on every row)."""
 
 
 def _check(engine: str, errors: list[float], losses: dict) -> None:

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peft_dist.config import check_range
-from peft_dist.methods.base import AdaptedModule, Method, adapter_parameters, head_parameters
+from peft_dist.methods.base import (AdaptedModule, Method, adapter_parameters, compute_dtype, frozen_linear,
+                                    head_parameters)
 from peft_dist.methods.lora import merged_linear
 from peft_dist.methods.registry import register_method
 from peft_dist.models.targets import replace_module, vit_blocks
@@ -95,7 +97,23 @@ class ARCLinear(AdaptedModule):
         return z + self.dropout(z.matmul(p) * self.scale).matmul(p.t()) + self.adapter_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(self.adapt(x))
+        if compute_dtype(self.base, x) in (torch.float32, torch.float64):
+            return self.base(self.adapt(x))
+        return self._forward_reduced_precision(x)
+
+    def _forward_reduced_precision(self, x: torch.Tensor) -> torch.Tensor:
+        """bf16/fp16 compute: the same function by linearity, W·(Z + δZ) + bias = base(Z) + W·δZ, with W·δZ =
+        Drop(Z·P·diag(c))·(W·P)ᵀ + W·b formed in fp32 and added to the frozen output before its one rounding
+        (``frozen_linear``). Forming Z + δZ in bf16 first (FSDP2's policy gives a bf16 Z) rounds a δZ below half
+        an ulp of Z back to Z on every token, so the adapter would not act at all at small scales (issue 17)."""
+        y, dtype = frozen_linear(self.base, x)
+        acc = torch.promote_types(torch.float32, x.dtype)  # fp64 stays fp64 (the equivalence test runs there)
+        with torch.autocast(x.device.type, enabled=False):
+            p = self.projection.to(acc)
+            w = self.base.weight.to(acc)
+            u = self.dropout(x.to(acc).matmul(p) * self.scale.to(acc))
+            delta = u.matmul(w.matmul(p).t()) + F.linear(self.adapter_bias.to(acc), w)
+        return (y + delta).to(dtype)
 
     def recomposed(self) -> torch.Tensor:
         """A = I + P·diag(c)·Pᵀ in float64 (symmetric, spec §2.1)."""
@@ -141,6 +159,11 @@ class ARC(Method):
         yield from getattr(model, self.projections_name).parameters()
         yield from adapter_parameters(model)
         yield from head_parameters(model)
+
+    def full_precision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Every ARC tensor: the adapter's W·δZ is formed in fp32 under bf16 compute (``ARCLinear``), so FSDP2's
+        policy gathers P, c and b in fp32 instead of rounding them (they are small: 2·D·r + L·(r + D) entries)."""
+        return [*getattr(model, self.projections_name).parameters(), *adapter_parameters(model)]
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         if not self.options.decay_vectors:

@@ -72,6 +72,14 @@ class _FrozenLinearAccumulator(torch.autograd.Function):
         return grad_y.to(weight.dtype) @ weight, None
 
 
+def compute_dtype(base: nn.Linear, x: torch.Tensor) -> torch.dtype:
+    """The dtype ``base(x)`` computes in: autocast's, else the promotion of input and weight (FSDP2's policy)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(x.dtype, base.weight.dtype)
+
+
 def frozen_linear(base: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None | str = "base"
                   ) -> tuple[torch.Tensor, torch.dtype]:
     """``base(x)`` for a parallel branch to add its delta to, and the dtype the sum is to be returned in.
@@ -85,8 +93,7 @@ def frozen_linear(base: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None | 
     own_bias = isinstance(bias, str)
     bias = base.bias if own_bias else bias
     device = x.device.type
-    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
-        torch.promote_types(x.dtype, weight.dtype)
+    compute = compute_dtype(base, x)
     trainable = weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
     if compute in (torch.float32, torch.float64) or trainable:
         y = base(x) if own_bias else F.linear(x, weight, None if bias is None else bias.to(weight.dtype))
