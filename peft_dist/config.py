@@ -231,7 +231,7 @@ class OptimConfig:
     """Linear warm-up from ``warmup_start_lr`` to ``lr``; then cosine to ``min_lr`` (``cosine`` only)."""
     warmup_epochs: float = 0.0
     """Alternative to warmup_steps, in epochs (converted with the loader's steps per epoch); ``timm_epoch``:
-    timm's ``warmup_t``, a whole number of epochs >= 1."""
+    timm's ``warmup_t`` (fractional or 0 allowed; the papers use 10)."""
     warmup_start_lr: float = 0.0
     """The warm-up's first lr (timm's ``warmup_lr_init``)."""
     min_lr: float = 0.0
@@ -256,11 +256,9 @@ class OptimConfig:
         _check_range("optim.grad_clip", self.grad_clip, low=0.0)
         if self.warmup_steps and self.warmup_epochs:
             raise ConfigError("optim.warmup_steps / optim.warmup_epochs: set one of them, not both")
-        if self.schedule == "timm_epoch" and (self.warmup_steps or self.warmup_epochs < 1
-                                              or self.warmup_epochs != int(self.warmup_epochs)):
-            raise ConfigError(f"optim.warmup_epochs: got {self.warmup_epochs:g} (warmup_steps "
-                              f"{self.warmup_steps}); optim.schedule=timm_epoch needs a whole number of warm-up "
-                              "epochs >= 1 (timm's warmup_t; the papers use 10) and optim.warmup_steps=0")
+        if self.schedule == "timm_epoch" and self.warmup_steps:
+            raise ConfigError(f"optim.warmup_steps: got {self.warmup_steps}; allowed with optim.schedule=timm_epoch: "
+                              "0 (timm counts its warm-up in epochs: set optim.warmup_epochs, fractional allowed)")
 
 
 @dataclass

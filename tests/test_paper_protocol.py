@@ -79,9 +79,32 @@ def test_timm_epoch_state_is_plain_and_a_restored_schedule_continues_at_the_same
         scheduler2.step()
 
 
-def test_timm_epoch_needs_whole_warmup_epochs():
-    with pytest.raises(ConfigError, match=r"optim\.warmup_epochs.*timm_epoch") as err:
-        load_config(None, ["optim.schedule=timm_epoch", "optim.warmup_epochs=2.5"])
+@pytest.mark.parametrize("warmup_epochs", [2.5, 0.0])
+def test_timm_epoch_with_a_fractional_or_no_warmup_is_timms_scheduler_stepped_by_hand(tmp_path, warmup_epochs):
+    """The trainer tells the engine the epoch length, so timm's ``warmup_t`` need not be a whole number of epochs
+    (3 optimizer steps an epoch: a fractional warm-up no longer has to divide into steps)."""
+    from timm.scheduler import CosineLRScheduler
+
+    epochs, batches = 8, fixed_batches(n=3, bs=4)
+    cfg = tiny_cfg(tmp_path, "linear", "optim.schedule=timm_epoch", f"optim.warmup_epochs={warmup_epochs}",
+                   "optim.warmup_start_lr=1e-6", "optim.min_lr=1e-5", "optim.lr=1e-3", f"train.epochs={epochs}",
+                   "train.log_every=1", "memory.enabled=false")
+    Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches[:1]).fit()
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    timm = CosineLRScheduler(optimizer, t_initial=epochs, lr_min=1e-5, warmup_t=warmup_epochs, warmup_lr_init=1e-6)
+    want = []
+    for epoch in range(epochs):
+        want.append(optimizer.param_groups[0]["lr"])
+        timm.step(epoch)
+    got = lrs_by_epoch(tmp_path / "linear")
+    assert [got[e] for e in range(epochs)] == [{lr} for lr in want]
+    assert (want[0] == 1e-6) == (warmup_epochs > 0)  # no warm-up: timm leaves epoch 0 at the base lr
+
+
+def test_timm_epoch_refuses_a_warmup_in_steps_in_one_line():
+    with pytest.raises(ConfigError, match=r"^optim\.warmup_steps: got 30; allowed with optim\.schedule=timm_epoch: 0"
+                       ) as err:
+        load_config(None, ["optim.schedule=timm_epoch", "optim.warmup_steps=30"])
     assert "\n" not in str(err.value)
 
 

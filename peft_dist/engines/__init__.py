@@ -36,11 +36,12 @@ def check_engine_environment(engine: str, env: DistEnv) -> None:
 
 
 def parallelize(model: nn.Module, method, cfg, env: DistEnv, device: torch.device, total_steps: int,
-                warmup_steps: int) -> Engine:
-    """Wrap ``model`` (already injected and frozen by ``method``) in the engine ``cfg.dist.engine``."""
+                warmup_steps: int, *, steps_per_epoch: int | None = None) -> Engine:
+    """Wrap ``model`` (already injected and frozen by ``method``) in the engine ``cfg.dist.engine``.
+    ``steps_per_epoch``: optimizer steps per epoch, for the per-epoch ``timm_epoch`` schedule."""
     import importlib
 
     check_engine_environment(cfg.dist.engine, env)
     module_name, _, cls_name = _ENGINES[cfg.dist.engine].partition(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(model, method, cfg, env, device, total_steps, warmup_steps)
+    return cls(model, method, cfg, env, device, total_steps, warmup_steps, steps_per_epoch=steps_per_epoch)

@@ -113,7 +113,7 @@ def device_rank(device: torch.device) -> int:
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
-    def __init__(self, model, method, cfg, env, device, total_steps, warmup_steps):
+    def __init__(self, model, method, cfg, env, device, total_steps, warmup_steps, *, steps_per_epoch=None):
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         try:
@@ -129,7 +129,7 @@ class DeepSpeedEngine(Engine):
         # takes it for the GPU index unless told the device: it gets the one this process picked (device_rank)
         os.environ["LOCAL_RANK"] = str(env.local_rank)
         _ensure_process_group()
-        super().__init__(model, method, cfg, env, device, total_steps, warmup_steps)
+        super().__init__(model, method, cfg, env, device, total_steps, warmup_steps, steps_per_epoch=steps_per_epoch)
         self.group_fqns = self.param_group_fqns()  # before DeepSpeed replaces the groups' parameters by flat ones
         self.zero_stage = cfg.dist.zero_stage
         self.forward_needs_all_ranks = self.zero_stage == 3

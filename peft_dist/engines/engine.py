@@ -30,7 +30,7 @@ class Engine:
     """True when a forward pass runs collectives (sharded weights): evaluation then keeps every rank in step."""
 
     def __init__(self, model: nn.Module, method, cfg: RunConfig, env: DistEnv, device: torch.device,
-                 total_steps: int, warmup_steps: int):
+                 total_steps: int, warmup_steps: int, *, steps_per_epoch: int | None = None):
         # the plain (adapter-injected) model; one built on meta is materialized by its engine after sharding
         self.module = model if is_deferred(model) else model.to(device)
         self.method = method
@@ -53,7 +53,7 @@ class Engine:
             apply_activation_checkpointing(self.module)  # before wrapping, so every engine recomputes the same way
         self.model = self.wrap(self.module)
         self.optimizer = self.build_optimizer()
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps, warmup_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps, warmup_steps, steps_per_epoch)
         self.autocast_dtype = _autocast_dtype(self.precision)
         self.phase = lambda name: contextlib.nullcontext()  # the trainer plugs the memory profiler in here
 
@@ -259,11 +259,12 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, base_lr: float, wa
     return cosine_factor(step, total_steps, warmup_steps, base_lr, warmup_start_lr, min_lr)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int, warmup_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int, warmup_steps: int,
+                    steps_per_epoch: int | None = None):
     """The ``optim.schedule`` scheduler (``peft_dist.train.schedule``); stepped once per optimizer step."""
     from peft_dist.train.schedule import build_schedule
 
-    return build_schedule(optimizer, cfg, total_steps, warmup_steps)
+    return build_schedule(optimizer, cfg, total_steps, warmup_steps, steps_per_epoch)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

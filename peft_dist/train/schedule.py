@@ -36,22 +36,26 @@ def cosine_factor(step: int, total_steps: int, warmup_steps: int, base_lr: float
     return lr / base_lr
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, optim_cfg, total_steps: int, warmup_steps: int):
+def build_schedule(optimizer: torch.optim.Optimizer, optim_cfg, total_steps: int, warmup_steps: int,
+                   steps_per_epoch: int | None = None):
     """The scheduler ``optim.schedule`` names; the engine calls its ``step()`` after every optimizer step.
 
     ``warmup_steps`` is what the trainer converts ``optim.warmup_epochs`` to (``warmup_epochs x steps_per_epoch``).
-    ``timm_epoch`` counts its warm-up in whole epochs (timm's ``warmup_t``; validated to be an integer >= 1), so the
-    epoch length follows from it exactly; the engine is given no other way to know it."""
+    ``timm_epoch`` needs the epoch length (``steps_per_epoch``, which the trainer passes); its warm-up is timm's
+    ``warmup_t`` = ``optim.warmup_epochs``, fractional or 0 included. Without ``steps_per_epoch`` (an engine built
+    outside the trainer) the length is inferred from a whole number of warm-up epochs, or refused."""
     if optim_cfg.schedule == "cosine":
         cfg = optim_cfg
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: cosine_factor(s, total_steps, warmup_steps, cfg.lr, cfg.warmup_start_lr, cfg.min_lr))
     if optim_cfg.schedule == "timm_epoch":
-        warmup_epochs = int(optim_cfg.warmup_epochs)
-        if warmup_epochs < 1 or warmup_steps % warmup_epochs:
-            raise ValueError(f"optim.schedule=timm_epoch: warm-up of {warmup_steps} steps is not "
-                             f"optim.warmup_epochs={optim_cfg.warmup_epochs} whole epochs")
-        steps_per_epoch = warmup_steps // warmup_epochs
+        if steps_per_epoch is None:
+            warmup_epochs = int(optim_cfg.warmup_epochs)
+            if warmup_epochs < 1 or warmup_epochs != optim_cfg.warmup_epochs or warmup_steps % warmup_epochs:
+                raise ValueError(f"optim.schedule=timm_epoch: the epoch length is not given and a warm-up of "
+                                 f"{warmup_steps} steps is not optim.warmup_epochs={optim_cfg.warmup_epochs} whole "
+                                 "epochs to infer it from")
+            steps_per_epoch = warmup_steps // warmup_epochs
         return TimmEpochSchedule(optimizer, optim_cfg, steps_per_epoch, epochs=-(-total_steps // steps_per_epoch))
     raise ValueError(f"optim.schedule: got {optim_cfg.schedule!r}; allowed: {', '.join(SCHEDULES)}")
 
@@ -71,7 +75,7 @@ class TimmEpochSchedule:
         self.steps_done = 0
         # construction sets every group's lr to warmup_lr_init (timm does it itself when warmup_t > 0)
         self.timm = CosineLRScheduler(optimizer, t_initial=epochs, lr_min=optim_cfg.min_lr,
-                                      warmup_t=int(optim_cfg.warmup_epochs),
+                                      warmup_t=float(optim_cfg.warmup_epochs),
                                       warmup_lr_init=optim_cfg.warmup_start_lr,
                                       warmup_prefix=optim_cfg.warmup_prefix, t_in_epochs=True)
 

@@ -178,7 +178,8 @@ class Trainer:
         self.steps_per_epoch = max(1, _batches_per_epoch(train_loader) // cfg.train.grad_accum)
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
         warmup = cfg.optim.warmup_steps or round(cfg.optim.warmup_epochs * self.steps_per_epoch)
-        self.engine = parallelize(self.model, self.method, cfg, env, device, self.total_steps, warmup)
+        self.engine = parallelize(self.model, self.method, cfg, env, device, self.total_steps, warmup,
+                                  steps_per_epoch=self.steps_per_epoch)
         self.ema = None if cfg.train.ema_decay is None else TrainableEma(self.engine.module, cfg.train.ema_decay)
 
         self.profiler = MemoryProfiler(env.rank, device, enabled=cfg.memory.enabled, config=cfg.memory,
