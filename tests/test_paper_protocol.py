@@ -357,3 +357,62 @@ def test_spt_norm_entries_counted_not_trained_is_the_official_option(tmp_path):
     assert counts[True] == entry["total"] and counts[False] == entry["total"] - norm_entries > 0
     assert summaries[False]["unstructured_norm_entries_counted_not_trained"] == norm_entries
     assert summaries[False]["allocation_total"] == entry["total"]  # still counted in the budget
+
+
+# ----------------------------------------------------------------------------------------------- recipes
+PER_TASK = {"spt/spt_lora/vtab": "spt/vtab_lora.yaml", "spt/spt_adapter/vtab": "spt/vtab_adapter.yaml",
+            "arc/vtab": "arc/vtab.yaml", "hta/vtab": "hta/vtab.yaml"}
+"""Per-task VTAB recipe folders and the family recipe each task's file specialises."""
+TASK_KEYS = {"model.name", "model.checkpoint", "model.num_classes", "data.source", "data.path", "method.task",
+             "train.out_dir", "train.eval_every_epochs"}
+"""What a per-task file may add to or change in its family recipe."""
+
+
+def flat_yaml(path) -> dict:
+    import yaml
+
+    return {f"{section}.{k}": v for section, values in yaml.safe_load(path.read_text()).items()
+            for k, v in values.items()}
+
+
+def test_per_task_vtab_recipes_are_their_family_recipe_with_the_tasks_classes_and_shards():
+    from conftest import REPO
+    from peft_dist.tasks import TASKS, VTAB_SPLITS, get_task
+
+    recipes = REPO / "configs" / "recipes"
+    keys = {p.stem: flat_yaml(p)["method.task"] for p in (recipes / "spt/spt_lora/vtab").glob("*.yaml")}
+    assert sorted(get_task(k).key for k in keys.values()) == sorted(t for t in TASKS if t.startswith("vtab/"))
+    for folder, family in PER_TASK.items():
+        base = flat_yaml(recipes / family)
+        files = sorted((recipes / folder).glob("*.yaml"))
+        assert [p.stem for p in files] == sorted(keys), folder
+        for path in files:
+            recipe, task = flat_yaml(path), get_task(keys[path.stem])
+            assert recipe["model.num_classes"] == task.num_classes, path
+            assert recipe["data.path"] == f"data/vtab-1k/{path.stem}" and recipe["data.train_split"] in VTAB_SPLITS
+            assert recipe.get("method.task", task.key) == task.key, path
+            assert {k: v for k, v in recipe.items() if k not in TASK_KEYS} == \
+                {k: v for k, v in base.items() if k not in TASK_KEYS}, path
+            assert recipe["train.out_dir"] == f"runs/{folder.split('/')[-2]}/vtab/{path.stem}", path
+            if not folder.startswith("spt/"):  # SPT's need their sensitivity file first (tests/test_config.py)
+                cfg = load_config(path, ["data.source=synthetic"])
+                assert cfg.model.num_classes == task.num_classes
+
+
+def test_snella_recipes_train_with_the_official_precision_and_ema():
+    """fp16 where the SNELLA-32 VTAB scripts pass --amp (spec snell_snella §5.1), fp32 elsewhere; the model EMA
+    (0.9999) on every SNELLA FGVC recipe (train_alloc_ema.py, §4.6) and on no other recipe."""
+    from conftest import REPO
+
+    amp = {"cifar", "camelyon", "pets"}
+    for path in sorted((REPO / "configs" / "recipes").rglob("*.yaml")):
+        recipe = flat_yaml(path)
+        snella = "snella32" in path.parts
+        if snella and path.parent.name == "vtab":
+            assert recipe["train.precision"] == ("fp16" if path.stem in amp else "fp32"), path
+        elif "train.precision" in recipe:
+            assert recipe["train.precision"] == "fp32", path
+        ema = snella and path.parent.name == "fgvc"
+        assert recipe.get("train.ema_decay") == (0.9999 if ema else None), path
+        if ema or recipe.get("train.precision") == "fp16":
+            load_config(path, ["data.source=synthetic"])  # validates
