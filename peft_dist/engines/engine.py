@@ -42,9 +42,10 @@ class Engine:
         if self.precision == "fp16" and self.name not in FP16_ENGINES:
             from peft_dist.config import ConfigError
 
-            raise ConfigError(f"train.precision=fp16: not available with dist.engine={self.name} (its gradients "
-                              f"are sharded where the gradient scaler cannot check them); use dist.engine "
-                              f"{' or '.join(FP16_ENGINES)}, or train.precision fp32 or bf16")
+            raise ConfigError(f"train.precision=fp16: not available with dist.engine={self.name} (it steps its "
+                              "own optimizer over its own gradient partitions, which torch's gradient scaler cannot "
+                              f"unscale and check); use dist.engine {', '.join(FP16_ENGINES[:-1])} or "
+                              f"{FP16_ENGINES[-1]} (or train.precision fp32 or bf16)")
         # fp16 gradients of small adapters underflow without a scale; bf16's range needs none
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         self.scaler_skipped_steps = 0
