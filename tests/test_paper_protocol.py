@@ -416,3 +416,24 @@ def test_snella_recipes_train_with_the_official_precision_and_ema():
         assert recipe.get("train.ema_decay") == (0.9999 if ema else None), path
         if ema or recipe.get("train.precision") == "fp16":
             load_config(path, ["data.source=synthetic"])  # validates
+
+
+def test_every_recipe_names_splits_its_benchmarks_shards_hold():
+    """``peft-dist shards vtab:…`` writes VTAB-1k's own split names (train800val200, test, …) and ``fgvc:…``
+    VPT's (train, val, test): a recipe naming another split would stop at its first epoch."""
+    import yaml
+
+    from conftest import REPO
+    from peft_dist.tasks import FGVC_SPLITS, VTAB_SPLITS
+
+    checked = 0
+    for path in sorted((REPO / "configs" / "recipes").rglob("*.yaml")):
+        data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+        where = str(data.get("path") or path.relative_to(REPO))
+        splits = VTAB_SPLITS if "vtab" in where else FGVC_SPLITS if "fgvc" in where else None
+        assert splits is not None, f"{path}: which benchmark?"
+        for key in ("train_split", "eval_split"):
+            if key in data:
+                assert data[key] in splits, f"{path}: data.{key}: {data[key]!r} is not one of {splits}"
+                checked += 1
+    assert checked > 200
