@@ -162,8 +162,12 @@ def data_parallel_ranks(rank: int, world: int, port: int, overrides: list[str], 
                 poison_gradient_once(trainer.model.head.weight, at_call=2)
             if engine == "fsdp2" and rank == 0:
                 poison_local_shard_before_step(trainer, at_step=2)
+            seen = []
+            qkv = next(m for n, m in trainer.model.named_modules() if n.endswith("blocks.0.attn.qkv"))
+            qkv.register_forward_hook(lambda module, args, out: seen.append(str(out.dtype)))
             summary = trainer.fit()
-            results[engine] = {"adapters": trainer.engine.state_dict(), "scaler": summary["fp16_scaler"]}
+            results[engine] = {"adapters": trainer.engine.state_dict(), "scaler": summary["fp16_scaler"],
+                               "qkv_output_dtypes": sorted(set(seen))}
         if rank == 0:
             torch.save(results, out_file)
     finally:
@@ -191,6 +195,7 @@ def test_fp16_ddp_and_fsdp2_on_two_ranks_equal_one_process(tmp_path):
     spawn_two_ranks(data_parallel_ranks, overrides, batches, str(tmp_path / "two.pt"))
     two = torch.load(tmp_path / "two.pt")
     for engine, run in two.items():
+        assert run["qkv_output_dtypes"] == ["torch.float16"], engine  # the forward computes in fp16
         assert run["scaler"] == one_summary["fp16_scaler"] == {"skipped_steps": 1, "final_scale": 32768.0}, engine
         for name, tensor in one.engine.state_dict().items():
             torch.testing.assert_close(run["adapters"][name], tensor, rtol=2e-3, atol=5e-5,

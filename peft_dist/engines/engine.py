@@ -52,10 +52,10 @@ class Engine:
         """Optimizer steps the gradient scaler skipped (inf/NaN in the scaled gradients; the scale was lowered)."""
         if cfg.dist.activation_checkpointing:
             apply_activation_checkpointing(self.module)  # before wrapping, so every engine recomputes the same way
+        self.autocast_dtype = _autocast_dtype(self.precision)  # before wrap: an engine's wrap may drop it
         self.model = self.wrap(self.module)
         self.optimizer = self.build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps, warmup_steps, steps_per_epoch)
-        self.autocast_dtype = _autocast_dtype(self.precision)
         self.phase = lambda name: contextlib.nullcontext()  # the trainer plugs the memory profiler in here
 
     # ------------------------------------------------------------------ set-up

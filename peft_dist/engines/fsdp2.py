@@ -157,7 +157,8 @@ class FSDP2Engine(Engine):
                 raise RuntimeError("dist.frozen_dtype=bf16 needs bf16 compute (a CUDA device and train.precision "
                                    "auto or bf16); on CPU keep dist.frozen_dtype=fp32")
             cast_frozen(model, torch.bfloat16)
-        self.autocast_dtype = None  # FSDP2's policy casts parameters; autocast would double-cast
+        if self.precision != "fp16":  # FSDP2's bf16 policy casts parameters; autocast would double-cast
+            self.autocast_dtype = None
         model = apply_fsdp2(model, self.device, d.shard_backbone, d.reshard_after_forward, mixed,
                             self.method.full_precision_parameters(model), mesh_dims=d.mesh)
         if is_deferred(model):  # built on meta: each rank fills its own shards only
