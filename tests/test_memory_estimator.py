@@ -16,8 +16,8 @@ import peft_dist
 from conftest import TINY_VIT
 from launcher.env import DistEnv
 from peft_dist.config import ConfigError, load_config
-from peft_dist.memory.estimator import (_tracker_classes, add_memory_arguments, estimate, estimate_for_dry_run,
-                                        resolve_plan, run_memory)
+from peft_dist.memory.estimator import (_tracker_classes, add_memory_arguments, compute_dtype_name, estimate,
+                                        estimate_for_dry_run, resolve_plan, run_memory)
 from peft_dist.memory.profiler import MemoryProfiler, read_memory_json
 
 TINY = ["model.name=vit_tiny_patch16_224", "model.num_classes=5",
@@ -252,6 +252,14 @@ def test_plan_mirrors_the_engines_precision_rules():
     single = resolve_plan(tiny_config("method.name=lora", "train.precision=auto", "dist.activation_checkpointing=true"),
                           1, "cuda")
     assert single.autocast_dtype == torch.bfloat16 and single.activation_checkpointing  # every engine applies it
+    # fp16: autocast on every engine that takes it, FSDP2 with no bf16 policy (FSDP2Engine); the others refuse
+    for engine, world in (("single", 1), ("ddp", 2), ("fsdp2", 2)):
+        plan = resolve_plan(tiny_config("method.name=lora", "train.precision=fp16", f"dist.engine={engine}"), world,
+                            "cuda")
+        assert plan.autocast_dtype == torch.float16 and not plan.fsdp_mixed_precision, engine
+        assert compute_dtype_name(plan) == "fp16"
+    with pytest.raises(ConfigError, match=r"^train.precision=fp16: not available with dist.engine=deepspeed"):
+        resolve_plan(tiny_config("method.name=lora", "train.precision=fp16", "dist.engine=deepspeed"), 2, "cuda")
 
 
 def test_memory_command_writes_a_report_and_compares_with_a_real_run(tmp_path, capsys):

@@ -117,8 +117,18 @@ def resolve_plan(cfg: RunConfig, world_size: int, target: str = "cuda") -> Engin
 
         plan.mesh = mesh_shape(world_size, d.shard_backbone, d.mesh)  # refuses a product other than world_size
     bf16 = precision == "bf16" or (precision == "auto" and target == "cuda")
-    if engine == "fsdp2":
-        plan.fsdp_mixed_precision = target == "cuda" and precision != "fp32"
+    if precision == "fp16":
+        from peft_dist.engines.engine import FP16_ENGINES
+
+        if engine not in FP16_ENGINES:
+            raise ConfigError(f"train.precision=fp16: not available with dist.engine={engine}; use dist.engine "
+                              f"{', '.join(FP16_ENGINES)} (or train.precision fp32 or bf16)")
+        if d.frozen_dtype == "bf16":
+            raise ConfigError("dist.frozen_dtype=bf16 needs bf16 compute; with train.precision=fp16 keep "
+                              "dist.frozen_dtype=fp32")
+        plan.autocast_dtype = torch.float16  # every fp16 engine autocasts (FSDP2 with no policy, as the engine)
+    elif engine == "fsdp2":
+        plan.fsdp_mixed_precision = target == "cuda" and bf16
         if d.frozen_dtype == "bf16":
             if not plan.fsdp_mixed_precision:
                 raise ConfigError("dist.frozen_dtype=bf16 needs bf16 compute (a CUDA target and train.precision "
@@ -143,7 +153,9 @@ def resolve_plan(cfg: RunConfig, world_size: int, target: str = "cuda") -> Engin
 
 
 def compute_dtype_name(plan: EnginePlan) -> str:
-    """``bf16`` or ``fp32``: what the forward computes in under this plan."""
+    """``fp16``, ``bf16`` or ``fp32``: what the forward computes in under this plan."""
+    if plan.autocast_dtype == torch.float16:
+        return "fp16"
     return "bf16" if (plan.autocast_dtype is not None or plan.fsdp_mixed_precision or plan.model_bf16) else "fp32"
 
 
