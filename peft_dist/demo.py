@@ -9,7 +9,7 @@
    logged to MLflow (SQLite beside the run directory).
 3. The summary puts the run's measured per-rank memory beside the same run replicated (DDP) and full fine-tuning,
    both from the memory estimator (fake tensors, labelled as estimated), and its top-1 beside linear probing;
-   a PNG shows loss and eval top-1 over the steps and memory by category per rank.
+   a PNG shows loss and eval top-1 over the steps and the model state by category per rank (step peaks above).
 """
 from __future__ import annotations
 
