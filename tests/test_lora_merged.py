@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 class PlainLoRA(nn.Module):
     """The obvious LoRA: the frozen Linear plus, per slice, ``up(down(x))·scale`` from two bias-free nn.Linears
-    sharing the tested module's A and B, concatenated over the slices."""
+    sharing the tested module's A and B, added to that slice's output columns."""
 
     def __init__(self, lora: LoRALinear):
         super().__init__()
@@ -31,8 +31,12 @@ class PlainLoRA(nn.Module):
             self.up[name].weight = B
 
     def forward(self, x):
-        deltas = [self.up[n](self.down[n](x)) * self.scale for n in self.slices]
-        return self.base(x) + torch.cat(deltas, -1)
+        y = self.base(x)
+        parts, end = [], 0
+        for name, rows in self.slices.items():  # the slices in row order, a gap keeps the frozen output
+            parts += [y[..., end:rows.start], y[..., rows] + self.up[name](self.down[name](x)) * self.scale]
+            end = rows.stop
+        return torch.cat(parts + [y[..., end:]], -1)
 
 
 def lora_layer(d_in, d_out, slices, rank=4, dtype=F64, seed=0):
@@ -46,10 +50,11 @@ def lora_layer(d_in, d_out, slices, rank=4, dtype=F64, seed=0):
 
 
 QKV = {"q": slice(0, 6), "k": slice(6, 12), "v": slice(12, 18)}
+QV = {"q": slice(0, 6), "v": slice(12, 18)}  # k's rows keep W0: the merged weight copies rows no slice owns
 WHOLE = {"fc1": slice(0, 10)}
 
 
-@pytest.mark.parametrize("slices,d_out", [(QKV, 18), (WHOLE, 10)], ids=["qkv", "whole"])
+@pytest.mark.parametrize("slices,d_out", [(QKV, 18), (QV, 18), (WHOLE, 10)], ids=["qkv", "qv", "whole"])
 def test_merged_lora_equals_plain_lora_in_fp64(slices, d_out):
     layer = lora_layer(7, d_out, slices)
     plain = PlainLoRA(layer)

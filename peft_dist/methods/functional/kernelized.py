@@ -25,7 +25,8 @@ adds it to the frozen weight and runs **one** GEMM; under bf16/fp16 compute it k
 input X, the parameters and one scalar threshold per matrix, never a d_out×d_in tensor. Backward rebuilds the
 kernel row block by row block (at most ``chunk_entries`` entries per transient buffer), accumulates
 ``G_X = G_Y·W`` block-wise, forms the weight gradient ``G_S = G_Yᵀ·X`` per block (of a sparsified matrix only at
-its survivors, where the detached magnitude factor is non-zero: a sampled product, exact; dense above
+its survivors, where the detached magnitude factor is non-zero: a sampled product, exact, taken for every matrix
+before G_X exists and then scattered block by block, :func:`_survivor_slice_backward`; dense above
 ``SURVIVOR_MAX_DENSITY`` kept, see ``KernelConfig.survivor_grad``), and applies the closed
 form of §7.3 A.4 for A and B: with ``R_h = c_h·G_K ⊘ D_h``, ``∂B_h = diag(R_h·1)·B_h − R_h·A_h`` and
 ``∂A_h = diag(R_hᵀ·1)·A_h − R_hᵀ·B_h`` (no autograd graph through ``cdist``). Distances are ε-guarded:
@@ -54,16 +55,21 @@ THRESHOLDS = ("code", "paper", "none")
 MERGED_GEMMS = ("auto", "split", "fp32")
 SURVIVOR_GRADS = ("auto", "always", "never")
 
-SURVIVOR_MAX_DENSITY = 0.15
+SURVIVOR_MAX_DENSITY = 0.12
 """``survivor_grad=auto`` uses the survivor-only weight gradient when at most this fraction of a matrix survives (a
-sparsity of at least 0.85), and the dense Gᵀ·X above it. Measured on one CPU thread with ViT-B shapes at batch 8
-(``benchmarks/snell_step.py``): torch's sampled product beats the dense GEMM by 1.3-3x at 10 % density and loses
-from about 20 % on."""
-_BLOCK_SHRINK = 4
-"""Row blocks hold ``chunk_entries / 4`` entries (:func:`_block_entries`)."""
-_SURVIVOR_TOKEN_CHUNK = 256
-"""Tokens per sampled-product call: the chunks of G and X stay in the L2 cache while every survivor reads them, and
-bound the contiguous copies the call makes of them."""
+sparsity of at least 0.88), and the dense Gᵀ·X above it. Measured on one CPU thread at ViT-B shapes, batch 8 (T =
+1576), whole backward of one SNELL-32 matrix, survivor over dense: fc1 (768→3072) 0.82 / 0.90 / 1.02 / 1.16 / 1.91
+at 5 / 10 / 15 / 20 / 30 % kept, fc2 (3072→768) 0.73 / 0.84 / 0.89 / 1.05 / 1.27: torch's sampled product (one
+vectorised dot product per survivor, ~13-16 GFLOP/s against ~75 for the dense GEMM) breaks even near 15 %."""
+_BLOCK_SHRINK = 8
+"""Row blocks hold ``chunk_entries / 8`` entries (:func:`_block_entries`)."""
+_SURVIVOR_CHUNK_ENTRIES = 1 << 19
+"""Entries of X per token chunk of the sampled product (2 MiB fp32), for 128 to 256 tokens (256 of a 768-wide
+input, 170 of a 3072-wide one): the transposed chunk is the largest transient of that pass, which runs while the
+layer's input gradient is alive, and torch's CPU kernel, one vectorised dot product per survivor, loses about
+twice its rate at 42-token dots against 256 (measured at ViT-B shapes)."""
+_SURVIVOR_TOKENS = (128, 256)
+
 
 _SAMPLE_SIZE = 8192
 """Entries sampled to bracket the k-th magnitude; the selection is exact whatever the sample (it only sets speed)."""
@@ -282,12 +288,19 @@ def _build_sparse_kernel(fac: _Factors, out: torch.Tensor, sparsity: float, cfg:
     if tau is None and base is None:
         return None
     for r0, r1 in _blocks(rows, per_block):
-        block = out[r0:r1]
-        if tau is not None:
-            block.mul_(_magnitude_factor(block, tau, cfg.threshold, scratch[:r1 - r0]))
-        if base is not None:
-            block.add_(base[r0:r1])
+        magnitude = None if tau is None else _magnitude_factor(out[r0:r1], tau, cfg.threshold, scratch[:r1 - r0])
+        _weight_rows(out[r0:r1], magnitude, None if base is None else base[r0:r1])
     return tau
+
+
+def _weight_rows(K: torch.Tensor, magnitude: torch.Tensor | None, W0: torch.Tensor | None) -> torch.Tensor:
+    """``K ← W0 + K ⊙ m`` in one pass (either term may be absent): the forward and backward both form W's rows
+    with this, so they agree to the bit."""
+    if magnitude is None:
+        return K if W0 is None else K.add_(W0)
+    if W0 is None:
+        return K.mul_(magnitude)
+    return torch.addcmul(W0, K, magnitude, out=K)
 
 
 def _kernel_dtype(t: torch.Tensor) -> torch.dtype:
@@ -404,9 +417,12 @@ class KernelizedLinearFunction(torch.autograd.Function):
 
 def _block_entries(cfg: KernelConfig) -> int:
     """Entries of every row block, forward and backward alike (the same partition rebuilds the kernel bit for bit):
-    a quarter of ``chunk_entries``. The forward holds the merged weight beside one block buffer and the backward
-    four block buffers plus the survivor path's per-block arrays; a quarter keeps SNELL-r's peak at a merged
-    LoRA-r's (which holds one d_out×d_in weight), measured by ``benchmarks/snell_step.py`` (``snell_over_lora_peak``)."""
+    an eighth of ``chunk_entries`` (0.5 MiB fp32 blocks by default). The forward holds the merged weight beside one
+    block buffer; the backward up to four (dense G_Yᵀ·X) or three (survivor path) block buffers beside the layer's
+    input gradient, while a merged LoRA holds a d_out×d_in weight there. SNELL also trains ``cls_token``, whose
+    gradient path keeps block 0's LayerNorm input (T×768, 4.6 MiB at ViT-B batch 8) that LoRA does not: with an
+    eighth SNELL-8's peak stays at LoRA-8's (measured by ``benchmarks/snell_step.py``: ``snell_over_lora_peak``;
+    with a quarter it was 1.87 MiB above)."""
     return max(1, cfg.chunk_entries // _BLOCK_SHRINK)
 
 
@@ -423,6 +439,13 @@ def _backward(x, weight, factors, grad_y, slices, cfg, taus, d_out, need_x, need
     # fp32/fp64: G_X accumulates block by block; reduced precision: the weight G_X needs is assembled whole (ΔW in
     # the GEMM dtype for the delta-only and split paths, W0 + ΔW in fp32 for the fp32 path) and G_X is formed by
     # whole GEMMs, so no partial sum is rounded to bf16 between blocks, and ΔW is never rounded against W0.
+    groups = _split_factors(factors, cfg.kind, len(slices))
+    per = factor_count(cfg.kind)
+    facs = [_Factors(tensors, cfg.kind, kdtype) for tensors in groups]
+    # the survivor-only matrices sample G_Yᵀ·X first, while no input gradient is alive yet
+    sampled = [_sampled_survivors(fac, spec, tau, cfg, G[:, spec.start:spec.stop], X)
+               if any(need_f[i * per:(i + 1) * per]) and uses_survivor_grad(cfg, spec, tau, G.dtype, kdtype, X)
+               else None for i, (fac, spec, tau) in enumerate(zip(facs, slices, taus))]
     gx = None
     W_lp = None
     if need_x:
@@ -437,16 +460,13 @@ def _backward(x, weight, factors, grad_y, slices, cfg, taus, d_out, need_x, need
                 for r0, r1 in _uncovered_rows(slices, d_out):
                     gx.add(G[:, r0:r1], weight[r0:r1].to(X.dtype))
     gw = (G.t().to(kdtype) @ X.to(kdtype)).to(weight.dtype) if need_w else None
-    groups = _split_factors(factors, cfg.kind, len(slices))
     gfactors: list[torch.Tensor | None] = [None] * len(factors)
-    per = factor_count(cfg.kind)
-    for index, (spec, tensors, tau) in enumerate(zip(slices, groups, taus)):
+    for index, (spec, tensors, tau, fac) in enumerate(zip(slices, groups, taus, facs)):
         wants = need_f[index * per:(index + 1) * per]
-        fac = _Factors(tensors, cfg.kind, kdtype)
         W0 = None if weight is None or strategy == "split" else weight[spec.start:spec.stop]
-        survivors = uses_survivor_grad(cfg, spec, tau, G.dtype, kdtype, X)
         out = _slice_backward(fac, spec, tau, cfg, G[:, spec.start:spec.stop], X, W0, gx, W_lp, any(wants),
-                              survivors)
+                              sampled[index])
+        sampled[index] = None
         for j, (g, want) in enumerate(zip(out, wants)):
             if want:
                 gfactors[index * per + j] = g.to(tensors[j].dtype).reshape(tensors[j].shape)
@@ -491,86 +511,76 @@ def _dispatch_modes() -> list:
 
 
 
-def sampled_gradient(G_rows: torch.Tensor, X: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``(G_Yᵀ·X)[j, i]`` at the entries (j, i) of a CSR pattern (``crow``, ``cols``), as the pattern's values.
-
-    A sampled dense–dense product (``torch.sparse.sampled_addmm``) accumulated over token chunks. Its CPU kernel
-    takes one contiguous row per operand and entry, so each chunk is transposed once here, for the whole pattern
-    (the kernel would otherwise copy them on every call): ``G_rows`` (T × n, G_Y's columns of the pattern's rows)
-    and ``X`` (T × d_in) cost (n + d_in) × chunk transient entries, the chunk small enough for the L2 cache."""
-    n, d_in = G_rows.shape[1], X.shape[1]
-    sampled = torch.sparse_csr_tensor(crow, cols, X.new_zeros(cols.numel(), dtype=G_rows.dtype), (n, d_in))
-    tokens = G_rows.shape[0]
-    for t0 in range(0, tokens, _SURVIVOR_TOKEN_CHUNK):
-        t1 = min(tokens, t0 + _SURVIVOR_TOKEN_CHUNK)
-        g_t = G_rows[t0:t1].t().contiguous()
-        x_t = X[t0:t1].t().contiguous()
-        torch.sparse.sampled_addmm(sampled, g_t, x_t.t(), out=sampled)
-    return sampled.values()
-
-
 def survivor_weight_grad(G_rows: torch.Tensor, X: torch.Tensor, magnitude: torch.Tensor,
                          out: torch.Tensor) -> torch.Tensor:
     """``G_K = (G_Yᵀ·X) ⊙ m`` into ``out`` (n × d_in), formed only where ``m ≠ 0`` (zero elsewhere).
 
     Exact, not an approximation: m is the detached magnitude factor of §3.1, zero on every pruned entry (``code``:
     |K|·1[|K| > τ]; ``paper``: max(|K| − τ, 0), zero exactly where |K| ≤ τ), so ∂L/∂K vanishes there whatever
-    G_Yᵀ·X holds. The backward runs the same two steps over a whole matrix (:class:`_Survivors`); this form, on
-    one dense ``magnitude``, states the contract the tests check."""
+    G_Yᵀ·X holds. The backward runs the same steps over a whole matrix's row blocks (:class:`_Survivors`); this
+    form, on one dense ``magnitude``, states the contract the tests check."""
     survivors = _Survivors(magnitude.shape[1])
-    survivors.add_block(magnitude)
+    survivors.add_block(0, magnitude.shape[0], magnitude)
     survivors.sample(G_rows, X)
-    out.zero_()
-    survivors.scatter(0, out)
-    return out
+    positions = survivors.positions(0)
+    return survivors.scatter(0, positions, magnitude.reshape(-1).index_select(0, positions), out)
 
 
 class _Survivors:
-    """The survivors of one matrix, gathered block by block in backward's first pass: flat positions within each
-    block, their magnitude factor m, then the sampled G_Yᵀ·X there (times m: G_K at the survivors).
+    """The survivors of one matrix, row block by row block: each block's CSR pattern (int32 row offsets and
+    columns) from backward's first pass, then the sampled G_Yᵀ·X there.
 
-    Per survivor 8 (position) + 4 (m) + 4 (value) bytes, + 8 (column) while sampling: 24·ρ bytes per matrix entry
-    at a kept fraction ρ (2.4 at s = 0.9, 5.7 MB for a 3072×768 matrix), held instead of the dense path's two
-    further block buffers."""
+    Sampling runs token chunk by token chunk over all blocks, so each chunk of X is transposed once for the
+    matrix (:func:`sampled_gradient` explains the layout), not once per block. Held per survivor: its column and
+    its value, 8 bytes, i.e. 8·ρ bytes per matrix entry at a kept fraction ρ (0.8 at s = 0.9: 1.9 MB for a
+    3072×768 matrix, under two of the dense path's 1 MiB block buffers, which this path does not hold meanwhile).
+    The magnitude factor at the survivors is recomputed from the rebuilt kernel in the third pass."""
 
     def __init__(self, d_in: int):
         self.d_in = d_in
-        self.positions: list[torch.Tensor] = []
-        self.kept: list[torch.Tensor] = []
-        self.rows: list[int] = []
-        self.offsets = [0]
-        self.values: torch.Tensor | None = None
+        self.blocks: list[tuple[int, int, torch.Tensor] | None] = []
 
-    def add_block(self, magnitude: torch.Tensor) -> None:
-        flat = magnitude.reshape(-1)
-        positions = flat.nonzero().squeeze(1)
-        self.positions.append(positions)
-        self.kept.append(flat.index_select(0, positions))
-        self.rows.append(magnitude.shape[0])
-        self.offsets.append(self.offsets[-1] + positions.numel())
-
-    def sample(self, G_rows: torch.Tensor, X: torch.Tensor) -> None:
-        """values = (G_Yᵀ·X ⊙ m) at every survivor; ``G_rows`` holds G_Y's columns of all the blocks' rows."""
-        kept = torch.cat(self.kept) if len(self.kept) > 1 else self.kept[0]
-        self.kept = []
-        if kept.numel() == 0:
-            self.values = kept
-            return
-        counts, cols = [], []
-        for positions, n in zip(self.positions, self.rows):
-            rows = torch.div(positions, self.d_in, rounding_mode="floor")
-            counts.append(torch.bincount(rows, minlength=n))
-            cols.append(positions - rows * self.d_in)
-        crow = kept.new_zeros(sum(self.rows) + 1, dtype=torch.int64)
-        torch.cumsum(torch.cat(counts), 0, out=crow[1:])
+    def add_block(self, r0: int, r1: int, magnitude: torch.Tensor) -> None:
+        mask = magnitude.ne(0)
+        crow = mask.new_zeros(r1 - r0 + 1, dtype=torch.int32)
+        torch.cumsum(mask.sum(1, dtype=torch.int32), 0, dtype=torch.int32, out=crow[1:])
+        flat = mask.view(-1).nonzero().squeeze(1)  # on a bool mask: a third faster than on the floats
+        cols = (flat - torch.div(flat, self.d_in, rounding_mode="floor") * self.d_in).to(torch.int32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta": said once, not actionable
-            self.values = sampled_gradient(G_rows, X, crow, torch.cat(cols)).mul_(kept)
+            # the pattern is valid by construction (cumulative counts, in-range sorted columns): no checks
+            sampled = torch.sparse_csr_tensor(crow, cols, magnitude.new_zeros(cols.numel()), (r1 - r0, self.d_in),
+                                              check_invariants=False)
+        self.blocks.append((r0, r1, sampled))
 
-    def scatter(self, block: int, out: torch.Tensor) -> torch.Tensor:
-        """Write block ``block``'s G_K values into the zeroed ``out`` (its rows × d_in)."""
-        values = self.values[self.offsets[block]:self.offsets[block + 1]]
-        return out.view(-1).index_copy_(0, self.positions[block], values)
+    def sample(self, G_rows: torch.Tensor, X: torch.Tensor) -> None:
+        """Every block's values = G_Yᵀ·X at its survivors; ``G_rows`` holds G_Y's columns of the matrix's rows."""
+        tokens = G_rows.shape[0]
+        chunk = min(max(_SURVIVOR_CHUNK_ENTRIES // self.d_in, _SURVIVOR_TOKENS[0]), _SURVIVOR_TOKENS[1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta": said once, not actionable
+            for t0 in range(0, tokens, chunk):
+                t1 = min(tokens, t0 + chunk)
+                x_t = X[t0:t1].t().contiguous()
+                for r0, r1, sampled in self.blocks:
+                    g_t = G_rows[t0:t1, r0:r1].t().contiguous()
+                    torch.sparse.sampled_addmm(sampled, g_t, x_t.t(), out=sampled)
+
+    def positions(self, block: int) -> torch.Tensor:
+        """Flat positions (row·d_in + column) of block ``block``'s survivors within the block."""
+        r0, r1, sampled = self.blocks[block]
+        counts = sampled.crow_indices().diff()
+        rows = torch.repeat_interleave(torch.arange(r1 - r0, device=counts.device), counts)
+        return rows.mul_(self.d_in).add_(sampled.col_indices())
+
+    def scatter(self, block: int, positions: torch.Tensor, kept: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (the block's rows × d_in) ← G_K: zero, and (G_Yᵀ·X)·m at the survivors (``kept`` = m there).
+        The block's survivors are dropped: each is scattered once."""
+        values = self.blocks[block][2].values().mul_(kept)
+        self.blocks[block] = None
+        out.zero_()
+        out.view(-1).index_copy_(0, positions, values)
+        return out
 
 
 class _InputGrad:
@@ -587,11 +597,11 @@ class _InputGrad:
             self.value.addmm_(g, w)
 
 
-def _add_weight_block(K_eff: torch.Tensor, W0, r0: int, r1: int, G, gx, W_lp, row0: int) -> None:
-    """Rows r0:r1 of W = W0 + ΔW (``K_eff`` holds ΔW's rows, overwritten) into G_X (fp32/fp64) or ``W_lp``."""
+def _add_weight_block(K_eff: torch.Tensor, M, W0, r0: int, r1: int, G, gx, W_lp, row0: int) -> None:
+    """Rows r0:r1 of W = W0 + K' ⊙ m (``K_eff`` holds K', overwritten) into G_X (fp32/fp64) or ``W_lp``."""
     if gx is None and W_lp is None:
         return
-    W_block = K_eff if W0 is None else K_eff.add_(W0[r0:r1])
+    W_block = _weight_rows(K_eff, M, None if W0 is None else W0[r0:r1])
     if gx is not None:
         gx.add(G[:, r0:r1], W_block if W_block.dtype == G.dtype else W_block.to(G.dtype))
     else:
@@ -615,48 +625,60 @@ def _factor_grads_block(fac: _Factors, GK: torch.Tensor, D: list[torch.Tensor], 
         gA[h] += (rB[:, -1:] * fac.A[h] - rB[:, :-1]) * scale
 
 
-def _survivor_slice_backward(fac: _Factors, spec: SliceSpec, tau: float, cfg: KernelConfig, G, X, W0, gx, W_lp):
-    """:func:`_slice_backward` with G_K formed at the survivors only, in three passes over the forward's row blocks:
-
-    1. rebuild Kˢ as the forward did (two block buffers), add its rows of W to G_X, record the survivors;
-    2. one sampled product over the whole matrix (:class:`_Survivors`): each token chunk of G and X is transposed
-       once for all blocks instead of once per block;
-    3. rebuild the distances (and MixK's K) per block, scatter G_K, apply the closed form (three block buffers).
-
-    Pass 3 repeats pass 1's distance GEMMs (rank-sized inner dimension) to keep no d_out×d_in tensor alive."""
+def _sampled_survivors(fac: _Factors, spec: SliceSpec, tau: float, cfg: KernelConfig, G, X) -> _Survivors:
+    """Passes 1 and 2 of the survivor-only backward of one matrix: rebuild Kˢ's magnitude factor on the forward's
+    row blocks (two block buffers), record the survivors, then the sampled products (:class:`_Survivors`).
+    :func:`_backward` runs them for every matrix before any input gradient exists, so the transposed token chunks
+    never sit beside G_X."""
     rows, d_in = spec.stop - spec.start, fac.d_in
     per_block = _rows_per_block(fac.kind, rows, d_in, _block_entries(cfg))
-    kdtype = fac.A.dtype
-    blocks = list(_blocks(rows, per_block))
     survivors = _Survivors(d_in)
-    K_buf = X.new_empty((per_block, d_in), dtype=kdtype)
-    M_buf = X.new_empty((per_block, d_in), dtype=kdtype)
-    for r0, r1 in blocks:
+    K_buf, M_buf = (X.new_empty((per_block, d_in), dtype=fac.A.dtype) for _ in range(2))
+    for r0, r1 in _blocks(rows, per_block):
         K, M = K_buf[:r1 - r0], M_buf[:r1 - r0]
         fac.kernel_rows(r0, r1, K, M)
         if fac.kind == "mixk":
             K.addcmul_(fac.mixk_softmax(K), fac.alpha).add_(fac.beta)
-        _magnitude_factor(K, tau, cfg.threshold, M)
-        survivors.add_block(M)
-        if gx is not None or W_lp is not None:
-            _add_weight_block(K.mul_(M), W0, r0, r1, G, gx, W_lp, spec.start)
-    del K_buf, M_buf
+        survivors.add_block(r0, r1, _magnitude_factor(K, tau, cfg.threshold, M))
+    del K_buf, M_buf, K, M
     survivors.sample(G, X)
+    return survivors
+
+
+def _survivor_slice_backward(fac: _Factors, spec: SliceSpec, tau: float, cfg: KernelConfig, G, X, W0, gx, W_lp,
+                             survivors: _Survivors):
+    """Pass 3 of :func:`_slice_backward` with G_K formed at the survivors only (passes 1 and 2:
+    :func:`_sampled_survivors`): per forward row block, rebuild the kernel with its distances, take K and m at the
+    survivors, add W's rows (W0, plus K·m at the survivors) to G_X, scatter G_K = (G_Yᵀ·X)·m there and apply the
+    closed form. Three block buffers (the kernel, then W's rows, then G_K; the two distances, then R), one fewer
+    than the dense path; between the passes only 8 bytes per survivor stay alive, no d_out×d_in tensor."""
+    rows, d_in = spec.stop - spec.start, fac.d_in
+    per_block = _rows_per_block(fac.kind, rows, d_in, _block_entries(cfg))
+    kdtype = fac.A.dtype
     gA, gB = torch.zeros_like(fac.A), torch.zeros_like(fac.B)
     g_mix = None
     GK_buf = X.new_empty((per_block, d_in), dtype=kdtype)
     D_buf = [X.new_empty((per_block, d_in), dtype=kdtype) for _ in range(fac.heads)] if fac.kind != "linear" else []
-    K_buf = X.new_empty((per_block, d_in), dtype=kdtype) if fac.kind == "mixk" else None
-    for index, (r0, r1) in enumerate(blocks):
+    for index, (r0, r1) in enumerate(_blocks(rows, per_block)):
         n = r1 - r0
-        GK = survivors.scatter(index, GK_buf[:n].zero_()).view(n, d_in)
         D = [d[:n] for d in D_buf]
+        # MixK keeps K for ∂γ, in its own tensor; the others rebuild K in the buffer that then holds W and G_K
+        K = fac.kernel_rows(r0, r1, X.new_empty((n, d_in), dtype=kdtype) if fac.kind == "mixk" else GK_buf[:n],
+                            None, D or None)
+        positions = survivors.positions(index)
+        K_s = K.reshape(-1).index_select(0, positions)
+        P = None
         if fac.kind == "mixk":
-            K = fac.kernel_rows(r0, r1, K_buf[:n], None, D)
-            GK, g_mix = _mixk_backward(fac, K, fac.mixk_softmax(K), GK, g_mix)
-        else:
-            for h, d in enumerate(D):
-                fac.distance_rows(h, r0, r1, d)
+            P = fac.mixk_softmax(K)
+            K_s.addcmul_(P.reshape(-1).index_select(0, positions), fac.alpha).add_(fac.beta)
+        kept = _magnitude_factor(K_s, tau, cfg.threshold, torch.empty_like(K_s))
+        if gx is not None or W_lp is not None:
+            W_rows = GK_buf[:n].zero_() if W0 is None else GK_buf[:n].copy_(W0[r0:r1])
+            W_rows.view(-1).index_add_(0, positions, K_s.mul_(kept))  # Kˢ is K·m at the survivors, 0 elsewhere
+            _add_weight_block(W_rows, None, None, r0, r1, G, gx, W_lp, spec.start)
+        GK = survivors.scatter(index, positions, kept, GK_buf[:n])
+        if fac.kind == "mixk":
+            GK, g_mix = _mixk_backward(fac, K, P, GK, g_mix)
         _factor_grads_block(fac, GK, D, D, r0, r1, gA, gB)
     if fac.kind == "mixk":
         return [gA, gB, *g_mix]
@@ -664,13 +686,14 @@ def _survivor_slice_backward(fac: _Factors, spec: SliceSpec, tau: float, cfg: Ke
 
 
 def _slice_backward(fac: _Factors, spec: SliceSpec, tau, cfg: KernelConfig, G, X, W0, gx, W_lp, want_factors,
-                    survivors: bool = False):
+                    survivors: _Survivors | None = None):
     """Gradients of one matrix, row block by row block: adds ``G·W_slice`` into ``gx`` (or writes ``W_slice`` into
     ``W_lp``) and returns the factor gradients [∂A, ∂B (, ∂α, ∂γ, ∂β)] (spec §7.3 A.4). Four block buffers: the
     kernel (reused for W and then G_S), the magnitude factor (reused for R) and the two distances. ``survivors``:
-    G_S ⊙ m is formed at the survivors only (:func:`_survivor_slice_backward`), else as the dense G_Yᵀ·X."""
-    if survivors and want_factors:
-        return _survivor_slice_backward(fac, spec, tau, cfg, G, X, W0, gx, W_lp)
+    G_S ⊙ m is formed at the survivors only (:func:`_survivor_slice_backward` on the sampled ``survivors``),
+    else as the dense G_Yᵀ·X."""
+    if survivors is not None:
+        return _survivor_slice_backward(fac, spec, tau, cfg, G, X, W0, gx, W_lp, survivors)
     rows, d_in = spec.stop - spec.start, fac.d_in
     # the forward's row blocks, so each entry is rebuilt bit for bit (an entry at τ must not flip between passes)
     per_block = _rows_per_block(fac.kind, rows, d_in, _block_entries(cfg))
@@ -694,8 +717,7 @@ def _slice_backward(fac: _Factors, spec: SliceSpec, tau, cfg: KernelConfig, G, X
             K_eff = K  # from here on only D and m are needed, so K's buffer is reused for W and then G_S
         if sparse:
             _magnitude_factor(K_eff, tau, cfg.threshold, M)
-            K_eff.mul_(M)
-        _add_weight_block(K_eff, W0, r0, r1, G, gx, W_lp, spec.start)
+        _add_weight_block(K_eff, M if sparse else None, W0, r0, r1, G, gx, W_lp, spec.start)
         if not want_factors:
             continue
         # G_S = G_Yᵀ·X on rows r0:r1: the dense weight gradient

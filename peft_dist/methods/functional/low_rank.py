@@ -25,10 +25,19 @@ import torch.nn.functional as F
 
 def merged_low_rank_weight(weight: torch.Tensor, rows: Sequence[tuple[int, int]], scale: float,
                            factors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``W0 + s·P_i B_i A_i`` as a new tensor (``factors`` flat: A_1, B_1, A_2, B_2, …); W0 is left untouched."""
-    merged = weight.detach().clone()
+    """``W0 + s·P_i B_i A_i`` as a new tensor (``factors`` flat: A_1, B_1, A_2, B_2, …); W0 is left untouched.
+
+    Each slice's rows are written by one ``addmm`` reading W0 (one pass over the weight, not a copy and then an
+    in-place update); rows no slice owns are copied."""
+    weight = weight.detach()
+    merged = torch.empty_like(weight, memory_format=torch.contiguous_format)
     for (start, stop), A, B in zip(rows, factors[0::2], factors[1::2]):
-        merged[start:stop].addmm_(B.detach(), A.detach(), alpha=scale)
+        torch.addmm(weight[start:stop], B.detach(), A.detach(), alpha=scale, out=merged[start:stop])
+    end = 0
+    for start, stop in sorted(rows) + [(weight.shape[0], weight.shape[0])]:
+        if start > end:
+            merged[end:start].copy_(weight[end:start])
+        end = max(end, stop)
     return merged
 
 
