@@ -111,6 +111,18 @@ def _run_with_progress(rank: int, world: int, port: int, progress: str, worker, 
     os._exit(0)
 
 
+def stop_before_step(trainer, step: int, exception: type[BaseException] = KeyboardInterrupt) -> None:
+    """Make ``trainer`` raise ``exception`` when it reaches ``step``: a crash right after the step before it."""
+    original = trainer.train_step
+
+    def train_step(current, stream):
+        if current == step:
+            raise exception
+        return original(current, stream)
+
+    trainer.train_step = train_step
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

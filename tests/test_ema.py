@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import stop_before_step
 from launcher.env import DistEnv
 from peft_dist.train.trainer import Trainer
 from test_baselines import fixed_batches, tiny_cfg
@@ -92,14 +93,7 @@ def test_ema_resume_is_bitwise(tmp_path):
         cfg = tiny_cfg(tmp_path / name, "lora", *EMA, "train.steps=6", "train.save_every_steps=3", *extra)
         trainer = Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches)
         if stop_before is not None:
-            original = trainer.train_step
-
-            def train_step(step, stream):
-                if step == stop_before:
-                    raise KeyboardInterrupt
-                return original(step, stream)
-
-            trainer.train_step = train_step
+            stop_before_step(trainer, stop_before)
         trainer.fit()
         return trainer
 

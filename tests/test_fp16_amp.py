@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from conftest import stop_before_step
 from launcher.env import DistEnv
 from peft_dist.config import ConfigError
 from peft_dist.train.trainer import Trainer
@@ -95,14 +96,7 @@ def test_fp16_resume_is_bitwise_and_restores_the_scaler(tmp_path):
         if not trainer.start_step:
             poison_gradient_once(trainer.model.head.weight, at_call=2)  # the scale differs from its default
         if stop_before is not None:
-            original = trainer.train_step
-
-            def train_step(step, stream):
-                if step == stop_before:
-                    raise KeyboardInterrupt
-                return original(step, stream)
-
-            trainer.train_step = train_step
+            stop_before_step(trainer, stop_before)
         return trainer, trainer.fit()
 
     straight, want = run("straight")

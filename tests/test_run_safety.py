@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, TINY_VIT
+from conftest import PYTHON, REPO, TINY_VIT, stop_before_step
 from launcher.env import DistEnv
 from peft_dist.config import ConfigError, load_config
 from peft_dist.train.errors import Diverged
@@ -99,14 +99,7 @@ def interrupted_then_resumed(tmp_path, *extra, stop_before=2):
     batches = fixed_batches(n=3)
     cfg = tiny_cfg(tmp_path, "lora", "train.steps=6", "train.save_every_steps=2", "train.log_every=1", *extra)
     first = Trainer(cfg, DistEnv(), torch.device("cpu"), batches, batches)
-    original = first.train_step
-
-    def train_step(step, stream):
-        if step == stop_before:
-            raise Interrupted
-        return original(step, stream)
-
-    first.train_step = train_step
+    stop_before_step(first, stop_before, Interrupted)
     with pytest.raises(Interrupted):
         first.fit()
     first.tracker.finish("KILLED")
