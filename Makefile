@@ -22,7 +22,8 @@ TESTS          ?= tests
 VERSION_TESTS  := tests/test_engines.py tests/test_ddp.py tests/test_memory_estimator.py \
                   tests/test_snell_kernel.py tests/test_snella.py tests/test_checkpoint.py \
                   tests/test_activation_checkpointing.py tests/test_memory_profiler.py tests/test_compat.py \
-                  tests/test_precision.py tests/test_hsdp.py tests/test_sharded_init.py
+                  tests/test_precision.py tests/test_hsdp.py tests/test_sharded_init.py tests/test_fp16_amp.py \
+                  tests/test_ema.py
 VERSION_SKIPS  := tests/test_engines.py::test_every_method_under_zero3 \
                   tests/test_sharded_init.py::test_vit_b_startup_memory_per_rank
 # DeepSpeed on a machine without a GPU: its CPU accelerator (no compiled ops needed at install time).
