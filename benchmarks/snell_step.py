@@ -31,6 +31,27 @@ the optimizer state (exact for tensors, blind to allocator slack). The last line
     python benchmarks/snell_step.py             # ViT-B/16, batch 8, fp32 on CPU (one thread) or batch 32 bf16 on GPU
     python benchmarks/snell_step.py --quick     # a tiny ViT, seconds: a smoke test
     python benchmarks/snell_step.py --precision bf16 --batch 4   # merged vs faithful under bf16 autocast on CPU
+
+Why SNELL-32 (s = 0.9) stays above 1.25x LoRA-8 on this CPU (issue 20; AMD EPYC VM, 2 vCPUs, one thread, ViT-B/16
+batch 8 fp32, T = 1576 tokens, measured 2026-12-01 on a loaded machine, thread CPU time):
+
+* LoRA-8's step is the frozen GEMMs, forward and input gradient, 2 x ~270 GFLOP at ~60-80 GFLOP/s: 8-9.7 s.
+* SNELL adds the weight gradient of its 72 matrices (85 M entries): dense G^T.X is 268 GFLOP (~3.6 s at ~75
+  GFLOP/s, floor ~1.5x). At the 10 % survivors it is 26.8 GFLOP, but torch's CPU ``sampled_addmm`` runs one
+  single-accumulator vectorised dot product per survivor, 13-16 GFLOP/s at 256-token dots (8-10 at 42): ~150 ms
+  per ViT block, ~1.8 s per step, 0.5-0.6x the dense GEMM's time, not 0.1x.
+* Section times of one ViT block's SNELL-32 backward beyond LoRA's (ms, qkv + proj + fc1 + fc2, survivor path):
+  sampled product 39 + 13 + 43 + 55; kernel rebuilt twice (passes 1 and 3: distance GEMMs with an 18-wide inner
+  dimension, clamp, sqrt) ~65; nonzero/CSR bookkeeping ~26; factor GEMMs (R.[A, 1], R^T.[B, 1]) ~33; forward
+  kernel build ~22 and exact threshold selection ~37 (``kth_smallest_magnitude``): ~330 ms per block, ~4 s per
+  step over LoRA's ~9 s.
+* Measured ratios (three runs of this script, 3 rounds each): ``snell_over_lora_step`` 1.44 (before the
+  three-pass survivor backward: 1.66), 1.45 (rounds 1.30-1.71); ``survivor_over_dense_backward`` 0.83, 0.88.
+
+So 1.25x (<= ~2.25 s over LoRA-8) is out of reach here: the work besides the sampled product (~183 ms per block,
+~2.2 s per step: the kernel built three times and its threshold, which the memory bound forbids keeping, 340 MB
+for the 72 matrices) already uses the budget, and the sampled product adds ~1.8 s with torch's kernel (~0.5 s
+at the 40+ GFLOP/s of a register-blocked SDDMM, a compiled kernel this project does not ship).
 """
 from __future__ import annotations
 
