@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from peft_dist.config import ConfigError
 from peft_dist.tasks import TASKS, VTAB_GROUPS, get_task
 
 # ViT-B/16 IN-21k anchors (top-1 %). Group means and Grp from SNELL Table 1 / HTA Table 1 reprints
@@ -84,6 +86,38 @@ class Run:
     """Parameters + buffers + gradients + optimizer state of the largest rank (exact; 0 for older runs)."""
     peak_is_rss: bool = False
     """The peak is the process's max RSS (CPU runs), not the CUDA allocator's peak."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The run's resolved ``config.yaml``."""
+
+    def setting(self, key: str) -> Any:
+        """The value of ``section.key`` in the run's config (one line naming the key and the run if absent)."""
+        section, _, name = key.partition(".")
+        values = self.config.get(section) or {}
+        if not name or name not in values:
+            raise ConfigError(f"--best-of {key}: run {self.path} has no {key} in its config.yaml")
+        return values[name]
+
+
+def best_of(runs: list[Run], key: str, paper_protocol: bool = False) -> list[Run]:
+    """Per method, task and seed, the run whose ``key`` (e.g. ``method.budget``) gave the best top-1, labelled
+    with the key. SPT's protocol trains each task at every budget and reports the best (spec spt_arc_hta.md §1.6:
+    {1.0, 0.8, 0.6, 0.4, 0.2} M, "per-task budget selection"): a choice on the test split, as the papers make
+    it, so the label says which setting was chosen from."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        r.setting(key)
+        seed = (r.config.get("train") or {}).get("seed")
+        label = method_label({k: v for k, v in (r.config.get("method") or {}).items() if f"method.{k}" != key})
+        groups.setdefault((label, r.task, seed), []).append(r)
+
+    def score(r: Run) -> float:
+        return r.top1_paper if paper_protocol and r.top1_paper is not None else r.top1
+
+    chosen = []
+    for (label, _, _), group in groups.items():
+        best = max(group, key=score)
+        chosen.append(dataclasses.replace(best, label=f"{label} (best {key} per task)"))
+    return chosen
 
 
 def method_label(method: dict[str, Any]) -> str:
@@ -109,7 +143,7 @@ def read_run(path: Path) -> Run:
                100 * s["top1"], 100 * s["top1_paper_protocol"] if "top1_paper_protocol" in s else None,
                s["trainable_params"], s["trainable_params_without_head"],
                max(s.get("peak_memory_bytes_per_rank") or [0]), s.get("images_per_s", float("nan")),
-               max(s.get("state_memory_bytes_per_rank") or [0]), s.get("peak_memory_kind") == "rss")
+               max(s.get("state_memory_bytes_per_rank") or [0]), s.get("peak_memory_kind") == "rss", cfg)
 
 
 @dataclass
@@ -247,10 +281,15 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="report", help="output directory for report.md/.csv/.png")
     p.add_argument("--paper-protocol", action="store_true",
                    help="tabulate the best-test-epoch figures of runs trained with --paper-protocol (labelled)")
+    p.add_argument("--best-of", metavar="KEY", default=None,
+                   help="per method, task and seed keep the run whose config KEY (e.g. method.budget: SPT's budget "
+                        "sweep) scored best; the row is labelled with KEY")
 
 
 def run_report(args: argparse.Namespace) -> int:
     runs = [read_run(Path(p)) for p in args.runs]
+    if args.best_of:
+        runs = best_of(runs, args.best_of, args.paper_protocol)
     paths = write_report(runs, Path(args.out), args.paper_protocol)
     print(paths["markdown"].read_text())
     print(f"wrote {paths['markdown']}, {paths['csv']}, {paths['png']}")

@@ -5,7 +5,8 @@ import statistics
 import pytest
 import yaml
 
-from peft_dist.report import fgvc_mean, read_run, vtab_group_means, write_report
+from peft_dist.config import ConfigError
+from peft_dist.report import best_of, fgvc_mean, read_run, vtab_group_means, write_report
 from peft_dist.tasks import TASKS, TaskError, get_task, task_split_lists
 
 NATURAL = ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"]
@@ -127,3 +128,20 @@ def test_vtab_task_folder_becomes_shards_with_task_recorded(tmp_path):
     back = read_info(tmp_path / "shards")
     assert back.task == "vtab/eurosat"
     assert back.num_samples == {"train800": 8, "val200": 4, "train800val200": 12, "test": 3}
+
+
+def test_best_of_a_budget_sweep_keeps_each_tasks_best_run(tmp_path):
+    """SPT's protocol: every task trained at each budget, the best reported per task (and per seed), labelled."""
+    runs = []
+    for budget, cifar, dtd in ((0.2, 0.70, 0.55), (0.6, 0.74, 0.52), (1.0, 0.72, 0.50)):
+        method = {"name": "spt_lora", "budget": budget}
+        runs.append(write_run(tmp_path / f"b{budget}", "spt", method, "vtab/cifar", cifar, int(budget * 1e6), 0))
+        runs.append(write_run(tmp_path / f"b{budget}", "spt-dtd", method, "vtab/dtd", dtd, int(budget * 1e6), 0))
+    chosen = best_of([read_run(r) for r in runs], "method.budget")
+    assert {(r.task, r.setting("method.budget"), round(r.top1, 6)) for r in chosen} == {("vtab/cifar", 0.6, 74.0),
+                                                                                      ("vtab/dtd", 0.2, 55.0)}
+    assert {r.label for r in chosen} == {"spt_lora (best method.budget per task)"}
+    md = write_report(chosen, tmp_path / "out")["markdown"].read_text()
+    assert "spt_lora (best method.budget per task)" in md and "74.0" in md and "55.0" in md
+    with pytest.raises(ConfigError, match=r"^--best-of method\.rank: run .* has no method\.rank in its config"):
+        best_of([read_run(r) for r in runs], "method.rank")
