@@ -45,8 +45,11 @@ batch 8 fp32, T = 1576 tokens, measured 2026-12-01 on a loaded machine, thread C
   dimension, clamp, sqrt) ~65; nonzero/CSR bookkeeping ~26; factor GEMMs (R.[A, 1], R^T.[B, 1]) ~33; forward
   kernel build ~22 and exact threshold selection ~37 (``kth_smallest_magnitude``): ~330 ms per block, ~4 s per
   step over LoRA's ~9 s.
-* Measured ratios (three runs of this script, 3 rounds each): ``snell_over_lora_step`` 1.44 (before the
-  three-pass survivor backward: 1.66), 1.45 (rounds 1.30-1.71); ``survivor_over_dense_backward`` 0.83, 0.88.
+* Measured ratios, this script with ``--reps 3`` (round ratios in brackets): ``snell_over_lora_step`` 1.45
+  (1.30-1.71), 1.63 (1.57-1.83, load ~3 on 2 vCPUs), 1.50 (1.35-1.55, load < 1); before this issue's survivor
+  backward 1.66. ``survivor_over_dense_backward`` 0.88, 1.00 (loaded), 0.89; ``lora_over_plain_lora_step``
+  0.98, 0.91, 0.98; ``snell_over_lora_peak`` 0.9998 (SNELL-8 0.3 MiB under LoRA-8; it was 1.87 MiB over).
+  LoRA-8's step 7.9-9.9 s, SNELL-32's 12.5-16.1 s.
 
 So 1.25x (<= ~2.25 s over LoRA-8) is out of reach here: the work besides the sampled product (~183 ms per block,
 ~2.2 s per step: the kernel built three times and its threshold, which the memory bound forbids keeping, 340 MB

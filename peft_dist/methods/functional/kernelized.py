@@ -65,9 +65,9 @@ _BLOCK_SHRINK = 8
 """Row blocks hold ``chunk_entries / 8`` entries (:func:`_block_entries`)."""
 _SURVIVOR_CHUNK_ENTRIES = 1 << 19
 """Entries of X per token chunk of the sampled product (2 MiB fp32), for 128 to 256 tokens (256 of a 768-wide
-input, 170 of a 3072-wide one): the transposed chunk is the largest transient of that pass, which runs while the
-layer's input gradient is alive, and torch's CPU kernel, one vectorised dot product per survivor, loses about
-twice its rate at 42-token dots against 256 (measured at ViT-B shapes)."""
+input, 170 of a 3072-wide one): the transposed chunk is that pass's largest transient, and torch's CPU kernel,
+one vectorised dot product per survivor, runs at about half its rate on 42-token dots against 256 (measured at
+ViT-B shapes)."""
 _SURVIVOR_TOKENS = (128, 256)
 
 
@@ -530,11 +530,11 @@ class _Survivors:
     """The survivors of one matrix, row block by row block: each block's CSR pattern (int32 row offsets and
     columns) from backward's first pass, then the sampled G_Yᵀ·X there.
 
-    Sampling runs token chunk by token chunk over all blocks, so each chunk of X is transposed once for the
-    matrix (:func:`sampled_gradient` explains the layout), not once per block. Held per survivor: its column and
-    its value, 8 bytes, i.e. 8·ρ bytes per matrix entry at a kept fraction ρ (0.8 at s = 0.9: 1.9 MB for a
-    3072×768 matrix, under two of the dense path's 1 MiB block buffers, which this path does not hold meanwhile).
-    The magnitude factor at the survivors is recomputed from the rebuilt kernel in the third pass."""
+    torch's CPU kernel reads one contiguous token row of each operand per survivor, so G's block columns and X are
+    transposed per token chunk; sampling runs chunk by chunk over all blocks, so each chunk of X is transposed
+    once for the matrix, not once per block. Held per survivor: its column and its value, 8 bytes, i.e. 8·ρ bytes
+    per matrix entry at a kept fraction ρ (0.8 at s = 0.9: 1.9 MB for a 3072×768 matrix, four 0.5 MiB block
+    buffers). The magnitude factor at the survivors is recomputed from the rebuilt kernel in the third pass."""
 
     def __init__(self, d_in: int):
         self.d_in = d_in
