@@ -289,7 +289,7 @@ def test_spt_recipes_load(tmp_path):
     adapter_file, _ = mixed_allocation(tmp_path, "adapter")
     recipes = sorted((REPO / "configs" / "recipes" / "spt").glob("*.yaml"))
     recipes += [REPO / "configs" / "methods" / "spt_lora.yaml", REPO / "configs" / "methods" / "spt_adapter.yaml"]
-    assert len(recipes) == 7
+    assert len(recipes) == 8
     for recipe in recipes:
         text = recipe.read_text()
         overrides = [f"data.path={tmp_path}"]
@@ -299,10 +299,10 @@ def test_spt_recipes_load(tmp_path):
             overrides += [f"method.allocation={lora_file}", "method.budget=0.004"]
         cfg = load_config([REPO / "configs" / "backbones" / "vit_b16.yaml", recipe], overrides)
         assert cfg.model.name == "vit_base_patch16_224"
-        if recipe.parent.name == "spt" and recipe.stem != "vtab_sensitivity":  # §1.6 training recipe
+        if recipe.parent.name == "spt" and not recipe.stem.endswith("_sensitivity"):  # §1.6 training recipe
             assert cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 1e-4 and cfg.train.epochs == 100
             assert cfg.optim.warmup_epochs == 10 and cfg.optim.min_lr == 1e-5 and cfg.model.drop_path_rate == 0.1
-        elif recipe.stem == "vtab_sensitivity":  # §1.2: 32-image batches, drop-path 0.1, seed 0
+        elif recipe.stem.endswith("_sensitivity"):  # §1.2: 32-image batches, drop-path 0.1, seed 0
             assert cfg.data.batch_size == 32 and cfg.model.drop_path_rate == 0.1 and cfg.train.seed == 0
     with pytest.raises(ConfigError, match="method.allocation: allocation file not found"):
         load_config(REPO / "configs" / "recipes" / "spt" / "vtab_lora.yaml",
