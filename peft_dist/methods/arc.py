@@ -162,7 +162,14 @@ class ARC(Method):
 
     def full_precision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """Every ARC tensor: the adapter's W·δZ is formed in fp32 under bf16 compute (``ARCLinear``), so FSDP2's
-        policy gathers P, c and b in fp32 instead of rounding them (they are small: 2·D·r + L·(r + D) entries)."""
+        policy gathers P, c and b in fp32 instead of rounding them (they are small: 2·D·r + L·(r + D) entries).
+        Where torch lacks FSDP2's per-parameter override (2.14) none: its fallback, an fp32 FSDP2 group per owner
+        module, cannot separate c and b from the frozen Linear beside them. They are then gathered in bf16 and
+        converted for the fp32 W·δZ, a 2⁻⁹ relative rounding of the delta's own factors, not the sum's loss."""
+        from peft_dist.engines.fsdp2 import supports_dtype_override
+
+        if not supports_dtype_override():
+            return []
         return [*getattr(model, self.projections_name).parameters(), *adapter_parameters(model)]
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
