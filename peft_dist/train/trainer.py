@@ -566,7 +566,7 @@ class Trainer:
             if cfg.train.protocol == "paper":
                 self.tracker.set_tags({"protocol": PAPER_PROTOCOL_LABEL})
                 self.tracker.log_metrics({"eval_top1_paper_protocol": summary["top1_paper_protocol"]})
-            final_evals = {f"eval_{k}": v for k, v in final.items() if k != "top1"}
+            final_evals = {f"eval_{k}": final[k] for k in ("top1_ema", "top1_max") if k in final}
             if self.engine.scaler is not None:
                 final_evals["fp16_scaler_skipped_steps"] = self.engine.scaler_skipped_steps
             self.tracker.log_metrics({"eval_top1": top1, **final_evals, "images_per_s": summary["images_per_s"],
