@@ -24,6 +24,17 @@ needs no ShardedGradScaler, which is FSDP1's). DeepSpeed's flat partitions and O
 offered fp16."""
 
 
+def check_fp16_engine(engine: str) -> None:
+    """One line naming the engines that take ``train.precision=fp16`` (the engines and the estimator ask)."""
+    if engine not in FP16_ENGINES:
+        from peft_dist.config import ConfigError
+
+        raise ConfigError(f"train.precision=fp16: not available with dist.engine={engine} (it steps its own "
+                          "optimizer over its own gradient partitions, which torch's gradient scaler cannot unscale "
+                          f"and check); use dist.engine {', '.join(FP16_ENGINES[:-1])} or {FP16_ENGINES[-1]} (or "
+                          "train.precision fp32 or bf16)")
+
+
 class Engine:
     name = "single"
     forward_needs_all_ranks = False
@@ -39,13 +50,8 @@ class Engine:
         self.device = device
         self.precision = resolve_precision(cfg.train.precision, device)
         """``train.precision`` resolved for this device (``auto`` → bf16 or fp32); what the summary records."""
-        if self.precision == "fp16" and self.name not in FP16_ENGINES:
-            from peft_dist.config import ConfigError
-
-            raise ConfigError(f"train.precision=fp16: not available with dist.engine={self.name} (it steps its "
-                              "own optimizer over its own gradient partitions, which torch's gradient scaler cannot "
-                              f"unscale and check); use dist.engine {', '.join(FP16_ENGINES[:-1])} or "
-                              f"{FP16_ENGINES[-1]} (or train.precision fp32 or bf16)")
+        if self.precision == "fp16":
+            check_fp16_engine(self.name)
         # fp16 gradients of small adapters underflow without a scale; bf16's range needs none
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         self.scaler_skipped_steps = 0

@@ -118,11 +118,9 @@ def resolve_plan(cfg: RunConfig, world_size: int, target: str = "cuda") -> Engin
         plan.mesh = mesh_shape(world_size, d.shard_backbone, d.mesh)  # refuses a product other than world_size
     bf16 = precision == "bf16" or (precision == "auto" and target == "cuda")
     if precision == "fp16":
-        from peft_dist.engines.engine import FP16_ENGINES
+        from peft_dist.engines.engine import check_fp16_engine
 
-        if engine not in FP16_ENGINES:
-            raise ConfigError(f"train.precision=fp16: not available with dist.engine={engine}; use dist.engine "
-                              f"{', '.join(FP16_ENGINES)} (or train.precision fp32 or bf16)")
+        check_fp16_engine(engine)
         if d.frozen_dtype == "bf16":
             raise ConfigError("dist.frozen_dtype=bf16 needs bf16 compute; with train.precision=fp16 keep "
                               "dist.frozen_dtype=fp32")
