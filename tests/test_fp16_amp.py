@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import stop_before_step
 from launcher.env import DistEnv
@@ -148,7 +149,7 @@ def data_parallel_ranks(rank: int, world: int, port: int, overrides: list[str], 
     init_gloo(rank, world, port)
     try:
         share = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in batches]
-        results = {}
+        results, adapters = {}, {}
         for engine in ("ddp", "fsdp2"):
             cfg = load_config(None, [*overrides, f"dist.engine={engine}", f"train.out_dir={out_file}.{engine}"])
             trainer = Trainer(cfg, read_dist_env(), torch.device("cpu"), share, share)
@@ -160,10 +161,13 @@ def data_parallel_ranks(rank: int, world: int, port: int, overrides: list[str], 
             qkv = next(m for n, m in trainer.model.named_modules() if n.endswith("blocks.0.attn.qkv"))
             qkv.register_forward_hook(lambda module, args, out: seen.append(str(out.dtype)))
             summary = trainer.fit()
-            results[engine] = {"adapters": trainer.engine.state_dict(), "scaler": summary["fp16_scaler"],
-                               "qkv_output_dtypes": sorted(set(seen))}
-        if rank == 0:
-            torch.save(results, out_file)
+            adapters[engine] = trainer.engine.state_dict()
+            results[engine] = {"scaler": summary["fp16_scaler"], "qkv_output_dtypes": sorted(set(seen))}
+        if rank == 0:  # tensors as safetensors, the rest as JSON: nothing pickled
+            save_file({f"{engine}/{n}": t.contiguous() for engine, state in adapters.items() for n, t in state.items()},
+                      out_file + ".safetensors")
+            with open(out_file + ".json", "w") as f:
+                json.dump(results, f)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -186,11 +190,12 @@ def test_fp16_ddp_and_fsdp2_on_two_ranks_equal_one_process(tmp_path):
     overrides = ["model.name=vit_tiny_patch16_224", "model.num_classes=5", f"model.kwargs={kw}",
                  "data.source=synthetic", "method.name=lora", "train.progress=false", "tracking.enabled=false",
                  "optim.weight_decay=0.01", *extra]  # tiny_cfg's settings
-    spawn_two_ranks(data_parallel_ranks, overrides, batches, str(tmp_path / "two.pt"))
-    two = torch.load(tmp_path / "two.pt")
+    spawn_two_ranks(data_parallel_ranks, overrides, batches, str(tmp_path / "two"))
+    two = json.loads((tmp_path / "two.json").read_text())
+    tensors = load_file(tmp_path / "two.safetensors")
     for engine, run in two.items():
         assert run["qkv_output_dtypes"] == ["torch.float16"], engine  # the forward computes in fp16
         assert run["scaler"] == one_summary["fp16_scaler"] == {"skipped_steps": 1, "final_scale": 32768.0}, engine
         for name, tensor in one.engine.state_dict().items():
-            torch.testing.assert_close(run["adapters"][name], tensor, rtol=2e-3, atol=5e-5,
+            torch.testing.assert_close(tensors[f"{engine}/{name}"], tensor, rtol=2e-3, atol=5e-5,
                                        msg=lambda m, name=name: f"{engine} {name}: {m}")
